@@ -129,16 +129,7 @@ def load_weights(model: PaLM, state: dict[str, Tensor], source: str, gamma_offse
     names. None detects such files and refuses them; True adds 1; False loads as is.
     """
     state = dict(state)
-    d = model.config.dim_head
-    derived = {
-        "inv_freq": 1.0 / (model.config.rotary_base ** (torch.arange(0, d, 2).float() / d)),
-        "scale": (torch.arange(0, d, 2) + 0.4 * d) / (1.4 * d),
-    }
-    for key in [k for k in state if ".rotary_emb." in k]:
-        stored = state.pop(key)
-        expected = derived[key.rsplit(".", 1)[1]]
-        if stored.shape != expected.shape or not torch.allclose(stored.float(), expected, rtol=1e-3):
-            raise PalmEvalError(f"{source}: {key} does not match a rotary embedding of dim_head={d}, base 10000")
+    rotary = {k: state.pop(k) for k in [k for k in state if ".rotary_emb." in k]}  # derived: checked below
     tied = state.pop("to_logits.weight", None)
     if tied is not None and "token_emb.weight" in state and not torch.equal(tied, state["token_emb.weight"]):
         raise PalmEvalError(f"{source}: to_logits.weight differs from token_emb.weight; only tied embeddings are supported")
@@ -162,8 +153,18 @@ def load_weights(model: PaLM, state: dict[str, Tensor], source: str, gamma_offse
             f" ({len(wrong)} tensors differ); {wanted}{held}"
         )
 
+    d = model.config.dim_head
+    derived = {
+        "inv_freq": 1.0 / (model.config.rotary_base ** (torch.arange(0, d, 2).float() / d)),
+        "scale": (torch.arange(0, d, 2) + 0.4 * d) / (1.4 * d),
+    }
+    for key, stored in rotary.items():
+        expected = derived[key.rsplit(".", 1)[1]]
+        if stored.shape != expected.shape or not torch.allclose(stored.float(), expected, rtol=1e-3):
+            raise PalmEvalError(f"{source}: {key} does not match a rotary embedding of dim_head={d}, base 10000")
+
     gains = torch.cat([v.float().flatten() for k, v in state.items() if k.endswith("norm.gamma")])
-    if gamma_offset is None and gains.median().abs() < 0.5 and gains.abs().max() > 0:
+    if gamma_offset is None and gains.median().abs() < 0.5:
         raise PalmEvalError(
             f"{source} looks saved by palm-rlhf-pytorch >= 0.2.4, which stores LayerNorm gains as offsets from 1 "
             f"(median gain {gains.median().item():.3f}); load it with gamma_offset=True (or gamma_offset=False if "
