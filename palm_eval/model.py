@@ -126,8 +126,15 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, q_start: int, k_start: int, window:
     b, h, nq, d = q.shape
     nk = k.shape[1]
     if backend == "flash_attn":
-        from flash_attn import flash_attn_func
-
+        try:
+            from flash_attn import flash_attn_func
+        except ImportError:
+            raise PalmEvalError(
+                "attention='flash_attn' needs the flash-attn package on a CUDA GPU (pip install 'palm-eval[gpu]'); "
+                "use attention='sdpa' elsewhere"
+            ) from None
+        if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+            raise PalmEvalError(f"attention='flash_attn' runs on CUDA in bf16/fp16 only (got {q.device}, {q.dtype})")
         out = flash_attn_func(
             q.transpose(1, 2), k[:, :, None], v[:, :, None], causal=True, window_size=(window - 1 if window else -1, 0)
         )
