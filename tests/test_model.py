@@ -195,3 +195,9 @@ def test_forward_at_32k_is_finite(dtype, pos_emb, window):
     assert torch.isfinite(logits).all()
     nll = F.cross_entropy(logits[0, :-1], tokens[0, 1:])
     assert abs(nll.item() - math.log(64)) < 0.5  # random weights: close to uniform over 64 ids
+
+
+def test_flash_attn_backend_explains_what_it_needs():
+    model = tiny(attention="flash_attn")
+    with pytest.raises(palm_eval.PalmEvalError, match="flash-attn|CUDA"):
+        model(torch.randint(0, 97, (1, 8)))
