@@ -175,26 +175,37 @@ def _hf_documents(spec: str) -> Iterator[str]:
 # token streams
 
 
-def token_stream(documents: Iterable[str], tokenizer, append_eos: bool = True) -> np.ndarray:
-    """Every document tokenized, end-of-text appended after each, concatenated: int32 [tokens]."""
+def token_stream(
+    documents: Iterable[str], tokenizer, append_eos: bool = True, max_tokens: int | None = None
+) -> np.ndarray:
+    """Every document tokenized, end-of-text appended after each, concatenated: int32 [tokens].
+
+    With max_tokens, documents stop being read once the stream is that long (the prefix is the same).
+    """
     parts: list[np.ndarray] = []
+    total = 0
     eos = np.array([tokenizer.eos_id], dtype=np.int32)
     batch: list[str] = []
 
     def flush() -> None:
+        nonlocal total
         encoded = tokenizer.encode_batch(batch) if hasattr(tokenizer, "encode_batch") else map(tokenizer.encode, batch)
         for ids in encoded:
             parts.append(np.asarray(ids, dtype=np.int32))
             if append_eos:
                 parts.append(eos)
+            total += len(ids) + append_eos
         batch.clear()
 
     for doc in documents:
         batch.append(doc)
-        if len(batch) == 256:
+        if len(batch) == 64:
             flush()
+            if max_tokens is not None and total >= max_tokens:
+                break
     flush()
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    return stream if max_tokens is None else stream[:max_tokens]
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
@@ -266,3 +277,10 @@ def is_pretokenized(path: str | os.PathLike) -> bool:
 def fingerprint(tokens: np.ndarray) -> str:
     """sha256 of the token ids as little-endian int32: the same stream gives the same string anywhere."""
     return "sha256:" + hashlib.sha256(np.ascontiguousarray(tokens, dtype="<i4").tobytes()).hexdigest()
+
+
+def load_token_stream(source: str | os.PathLike, tokenizer, max_tokens: int | None = None) -> np.ndarray:
+    """The evaluation stream of any source: pre-tokenized parquet as stored, everything else tokenized."""
+    if not str(source).startswith(("builtin:", "hf:")) and is_pretokenized(source):
+        return read_pretokenized(source)[:max_tokens]
+    return token_stream(read_documents(source), tokenizer, max_tokens=max_tokens)
