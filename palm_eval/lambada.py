@@ -53,24 +53,26 @@ class LambadaTask(Task):
         return {"data": self.data_fingerprint}
 
     def items(self) -> list[tuple[str, tuple[list[int], list[int]]]]:
-        """Longest first (as lm-eval), so a batch pads little and memory peaks on the first batch."""
+        """Longest first (as lm-eval): equal lengths sit together, and memory peaks on the first batch."""
         order = sorted(range(len(self.pairs)), key=lambda i: (-sum(map(len, self.pairs[i])), i))
         return [(str(i), self.pairs[i]) for i in order]
 
     def evaluate(self, batch: list[tuple[str, tuple[list[int], list[int]]]]) -> list[dict]:
+        """Documents of equal token length go through the model together: no padding, so batch size
+        changes no number (padding would change the shapes and with them the float rounding)."""
+        out = {}
         seqs = [c + x for _, (c, x) in batch]
-        rows = np.full((len(seqs), max(map(len, seqs))), self.ctx.tokenizer.eos_id, dtype=np.int64)
-        for i, s in enumerate(seqs):
-            rows[i, : len(s)] = s  # right padding: causal attention never sees it
-        x = torch.from_numpy(rows).to(next(self.ctx.model.parameters()).device)
-        with torch.no_grad():
-            nll, greedy = self.ctx.model.score(x[:, :-1], x[:, 1:])
-        nll, greedy = nll.double().cpu().numpy(), greedy.cpu().numpy()
-        out = []
-        for i, (_, (context, target)) in enumerate(batch):
-            span = slice(len(context) - 1, len(context) + len(target) - 1)
-            out.append({"ll": -math.fsum(nll[i, span]), "greedy": bool(greedy[i, span].all()), "tokens_in": len(seqs[i]) - 1})
-        return out
+        for n in dict.fromkeys(map(len, seqs)):
+            rows = [i for i, s in enumerate(seqs) if len(s) == n]
+            x = torch.tensor([seqs[i] for i in rows], device=next(self.ctx.model.parameters()).device)
+            with torch.no_grad():
+                nll, greedy = self.ctx.model.score(x[:, :-1], x[:, 1:])
+            nll, greedy = nll.double().cpu().numpy(), greedy.cpu().numpy()
+            for row, i in enumerate(rows):
+                context, target = batch[i][1]
+                span = slice(len(context) - 1, n - 1)
+                out[i] = {"ll": -math.fsum(nll[row, span]), "greedy": bool(greedy[row, span].all()), "tokens_in": n - 1}
+        return [out[i] for i in range(len(batch))]
 
     def aggregate(self, results: dict[str, dict]) -> tuple[dict, dict]:
         lls = [results[str(i)]["ll"] for i in range(len(self.pairs))]

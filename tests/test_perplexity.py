@@ -13,6 +13,15 @@ from palm_eval.tasks import RunContext, format_length, parse_length, task_config
 BYTE = load_tokenizer("byte")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and the test machine is shared); restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(seed=0, **overrides) -> PaLM:
     torch.manual_seed(seed)
     config = dict(num_tokens=257, dim=32, depth=1, heads=2, dim_head=16, ignore_index=256)
