@@ -114,10 +114,14 @@ def _plain(v: float) -> str:
 
 
 def _fit_y(ax, values: pd.Series, log: bool, top_band: float) -> None:
-    """Put the finite values between 5% of the axes height and 1 - top_band (room kept for non-finite marks)."""
+    """Put the finite values between 5% of the axes height and 1 - top_band.
+
+    A band kept for non-finite marks is shaded and carries no tick labels, so that nobody reads a value off an ‘×’.
+    """
     finite = values[np.isfinite(values) & ((values > 0) if log else True)]
     if len(finite) == 0:
         ax.set_ylim(1, 10) if log else ax.set_ylim(0, 1)
+        ax.set_yticks([])
         return
     f, inv = (np.log10, lambda v: 10**v) if log else (lambda v: v, lambda v: v)
     lo, hi = f(finite.min()), f(finite.max())
@@ -125,7 +129,12 @@ def _fit_y(ax, values: pd.Series, log: bool, top_band: float) -> None:
     if hi == lo:
         lo, hi = lo - span / 2, hi + span / 2
     total = span / (1 - top_band - 0.05)
-    ax.set_ylim(inv(lo - 0.05 * total), inv(lo - 0.05 * total + total))
+    bottom = lo - 0.05 * total
+    ax.set_ylim(inv(bottom), inv(bottom + total))
+    if top_band > 0.05:
+        limit = inv(hi + 0.04 * total)
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: "" if v > limit else f"{v:,.7g}"))
+        ax.axhspan(limit, inv(bottom + total), color="0.94", zorder=1.6, linewidth=0)  # over the grid
 
 
 def _mark_nonfinite(ax, points: list[tuple[float, str]], style_of: dict[str, dict]) -> float:

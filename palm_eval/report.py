@@ -558,11 +558,13 @@ def _content(runs: list[Run], figures: Path) -> list[tuple]:
         return ("fig", stem, caption)
 
     sources = ", ".join(f"{run.source} ({run.label})" for run in runs)
+    files = "that file" if len(runs) == 1 else "those files"
     blocks: list[tuple] = [
-        ("p", f"Built from {len(runs)} results file{'s' * (len(runs) > 1)}: {sources}. Every number below is "
-              "copied from those files; the report computes no confidence intervals. Perplexity is exp of the "
-              "token-weighted mean NLL over the scored tokens whose loss is finite; tokens with a NaN or infinite "
-              "loss are counted as non-finite and never averaged in."),
+        ("p", f"Built from {len(runs)} results file{'s' * (len(runs) > 1)}: {sources}. Every number below comes "
+              f"from {files} (rounded to 4 significant digits, memory in MiB); the report adds no statistics of its "
+              "own, such as confidence intervals. Perplexity is exp of the token-weighted mean NLL over the scored "
+              "tokens whose loss is finite; tokens with a NaN or infinite loss are counted as non-finite and never "
+              "averaged in."),
         ("h", "Summary of measurements"),
         ("ul", _perplexity_sentences(ppl, labels, train_length) + _other_sentences(runs)),
     ]

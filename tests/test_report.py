@@ -135,7 +135,8 @@ def test_report_files(report):
     out = report.parent
     assert report == out / "report.md"
     assert (out / "report.html").is_file()
-    assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(f"{s}.{e}" for s in FIGURES for e in ("png", "svg"))
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert figures == sorted(f"{s}.{e}" for s in FIGURES for e in ("png", "svg"))
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "staging files left behind"
 
 
@@ -189,7 +190,8 @@ def test_perplexity_table_marks_nonfinite_points_and_merges_split_runs(report):
                 assert math.isclose(number(cell), res["perplexity"], rel_tol=5e-3)
                 assert cell.endswith("†") == (res["nonfinite_tokens"] > 0)
     assert table[8192]["× training length"] == "16×"
-    assert math.isclose(number(table[8192]["tiny xpos"]), split_run()["results"]["c4_ppl_8k"]["perplexity"], rel_tol=5e-3)
+    split = split_run()["results"]["c4_ppl_8k"]["perplexity"]
+    assert math.isclose(number(table[8192]["tiny xpos"]), split, rel_tol=5e-3)
     assert table[256]["tiny xpos window=256"] == "—"
 
 
@@ -220,7 +222,8 @@ def test_run_metadata_one_column_per_file(report):
         assert f"torch {info['versions']['torch']}" in fields["versions"][column]
     assert fields["device"][3] == "cuda:0 (NVIDIA H200)"
     fingerprints = table_with_header(markdown_tables(report.read_text()), ["Task", "Data fingerprint"])
-    assert [r[1] for r in fingerprints if r[0] == "c4_ppl_2k"] == [load(FILES[0])["results"]["c4_ppl_2k"]["data_fingerprint"]]
+    expected = load(FILES[0])["results"]["c4_ppl_2k"]["data_fingerprint"]
+    assert [r[1] for r in fingerprints if r[0] == "c4_ppl_2k"] == [expected]
 
 
 def test_nonfinite_perplexity_is_drawn_as_a_cross_not_dropped():
@@ -244,10 +247,10 @@ def test_overflowing_perplexity_is_not_called_undefined():
     data["results"]["c4_ppl_2k"].update(nll=712.4, perplexity=None, bits_per_byte=238.5, nonfinite_tokens=0)
     run = _load(data, 0)
     [sentence] = _perplexity_sentences(_perplexity_frame([run]), ["tiny rope"], {"tiny rope": 512})
-    assert sentence == ("c4_ppl, tiny rope: perplexity rises from 51.18 at 512 tokens (1× its training length) to 67.95 "
-                        "at 1k tokens (2×); at 4k tokens no scored token had a finite loss (perplexity undefined); at 2k "
-                        "tokens the mean NLL is 712.4 nats, too large for its exp to be represented (perplexity not "
-                        "finite).")
+    assert sentence == (
+        "c4_ppl, tiny rope: perplexity rises from 51.18 at 512 tokens (1× its training length) to 67.95 at 1k tokens "
+        "(2×); at 4k tokens no scored token had a finite loss (perplexity undefined); at 2k tokens the mean NLL is "
+        "712.4 nats, too large for its exp to be represented (perplexity not finite).")
 
 
 def test_differing_data_is_reported(tmp_path):
@@ -286,7 +289,8 @@ BAD_INPUTS = {
     "wrong_schema": (lambda: mutated(lambda d: d.update(schema="palm-eval/results/v0")), "schema is"),
     "infinity": (lambda: FILES[2].read_text().replace('"perplexity": 41.235', '"perplexity": Infinity'),
                  "results.c4_ppl_8k.perplexity is inf; results must write null"),
-    "no_family": (lambda: mutated(lambda d: d["results"]["c4_ppl_1k"].pop("family")), "results.c4_ppl_1k has no 'family'"),
+    "no_family": (lambda: mutated(lambda d: d["results"]["c4_ppl_1k"].pop("family")),
+                  "results.c4_ppl_1k has no 'family'"),
     "length_text": (lambda: mutated(lambda d: d["results"]["c4_ppl_1k"].update(length="1k")),
                     "results.c4_ppl_1k.length must be an integer"),
     "ragged_buckets": (lambda: mutated(lambda d: d["details"]["c4_ppl_1k"]["loss_by_position"]["nll"].pop()),
