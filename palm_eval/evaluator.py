@@ -33,7 +33,7 @@ import palm_eval
 from palm_eval.checkpoint import atomic_write
 from palm_eval.errors import PalmEvalError
 from palm_eval.model import POS_EMBS, PaLMConfig
-from palm_eval.registry import load_model, registered_cards, resolve_device, resolve_weights
+from palm_eval.registry import get_card, load_model, registered_cards, resolve_device, resolve_weights
 from palm_eval.tasks import RunContext, make_task, parse_length, resolve_source, task_config
 from palm_eval.tokenizer import load_tokenizer
 
@@ -107,9 +107,11 @@ class Dist:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def close(self) -> None:
+    def close(self, wait: bool) -> None:
+        """wait: for every process to finish (after success; after an error the others may never come)."""
         if self.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.barrier()
+            if wait:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
@@ -255,7 +257,7 @@ def print_table(doc: dict) -> None:
         scored = r.get("scored_tokens", r.get("count", r.get("trials")))
         cells = [
             f"{r['length']:>7}" if "length" in r else f"{'':>7}",
-            f"{r['perplexity']:>10.3f}" if r.get("perplexity") is not None else f"{'-':>10}",
+            f"{r['perplexity']:>10.4g}" if r.get("perplexity") is not None else f"{'-':>10}",
             f"{r['nll']:>7.4f}" if r.get("nll") is not None else f"{'':>7}",
             f"{r['bits_per_byte']:>6.3f}" if r.get("bits_per_byte") is not None else f"{'':>6}",
             f"{acc:>6.3f}" if acc is not None else f"{'':>6}",
@@ -352,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     task_names = _split(args.tasks) or ([DEFAULT_TASKS] if default_run else [])
     if not task_names:
         raise PalmEvalError("pass --tasks, e.g. --tasks c4_ppl_2k,lambada,passkey (or run without --model for the default)")
+    for name in models:  # unknown models and task names fail first, before any work
+        get_card(name)
     configs = [task_config(name) for name in task_names]
     pos_embs = _split(args.pos_emb) or [None]
     for pos_emb in pos_embs:
@@ -371,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     dist = Dist(device)
     torch.manual_seed(args.seed)
     written, problems = [], []
+    finished = False
     try:
         for name in models:
             model = load_model(name, device=device, dtype=args.dtype)
@@ -387,8 +392,9 @@ def main(argv: list[str] | None = None) -> int:
                 problems += _nonfinite(doc)
                 if dist.main:
                     print_table(doc)
+        finished = True
     finally:
-        dist.close()
+        dist.close(wait=finished)
     if not dist.main:
         return 0
     print(f"\nresults: {', '.join(map(str, written))}")
