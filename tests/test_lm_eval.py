@@ -192,3 +192,107 @@ def test_unknown_batch_size_is_one_clear_error(checkpoint, tokenizer_path):
 
     with pytest.raises(PalmEvalError, match="batch_size"):
         PalmLM(pretrained=str(checkpoint), tokenizer=tokenizer_path, device="cpu", batch_size="big")
+
+
+# ----------------------------------------------------------------------------------------------
+# the real commands: lm_eval (as users type it) against run_eval.py on the same model and data
+
+LAMBADA_DOCS = 16
+SAMPLES = {"c4_ppl_2k": [0, 1], "lambada_openai_local": list(range(LAMBADA_DOCS)), "lambada_openai": list(range(LAMBADA_DOCS))}
+
+
+@pytest.fixture(scope="module")
+def data(shared_data, tmp_path_factory) -> dict[str, Path]:
+    """The shared data dir, and its first C4 validation documents as a small jsonl (both tools read the same)."""
+    import pandas as pd
+
+    c4 = tmp_path_factory.mktemp("data") / "c4-validation-head.jsonl"
+    texts = pd.read_parquet(shared_data("c4-validation-sample.parquet"), columns=["text"]).text[:C4_DOCS]
+    c4.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return {"dir": shared_data("lambada_test.jsonl").parent, "c4": c4}
+
+
+def lm_eval_command(launcher: list[str], checkpoint: Path, tokenizer_path: str, data: dict, tasks: list[str],
+                    samples: dict, out: Path) -> dict:
+    """Run lm-eval's CLI in a subprocess (offline, no --device: lm-eval's default cuda:0) and read its results file."""
+    from palm_eval.lm_eval_tasks import include_path
+
+    command = [
+        *launcher, "--model", "palm",
+        "--model_args", f"pretrained={checkpoint},tokenizer={tokenizer_path},max_length=2048",
+        "--tasks", ",".join(tasks), "--include_path", include_path(),
+        "--metadata", json.dumps({"data_dir": str(data["dir"]), "c4_path": str(data["c4"])}),
+        "--samples", json.dumps(samples), "--batch_size", "auto", "--output_path", str(out),
+    ]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, env=env, cwd=out.parent, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = glob.glob(str(out / "**" / "results_*.json"), recursive=True)
+    return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="module")
+def lm_eval_results(tmp_path_factory, checkpoint, tokenizer_path, data) -> dict:
+    """`lm_eval --model palm` on c4_ppl_2k, lambada_openai_local and lm-eval's own lambada_openai pointed at the file."""
+    import lm_eval.tasks
+
+    tmp = tmp_path_factory.mktemp("lm_eval")
+    builtin = tmp / "lambada_openai.yaml"
+    builtin.write_text(
+        f"include: {Path(lm_eval.tasks.__file__).parent / 'lambada' / 'lambada_openai.yaml'}\n"
+        "dataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data['dir'] / 'lambada_test.jsonl'}\n"
+    )
+    tasks = ["c4_ppl_2k", "lambada_openai_local", str(builtin)]
+    return lm_eval_command([str(Path(sys.executable).parent / "lm_eval")], checkpoint, tokenizer_path, data, tasks,
+                           SAMPLES, tmp / "out")
+
+
+@pytest.fixture(scope="module")
+def run_eval_results(tmp_path_factory, checkpoint, tokenizer_path, data) -> dict:
+    """run_eval.py's results for the same sequences and documents (in-process: same code as the command)."""
+    from palm_eval.evaluator import main
+
+    tmp = tmp_path_factory.mktemp("run_eval")
+    common = ["--model", str(checkpoint), "--tokenizer", tokenizer_path, "--data-dir", str(data["dir"]),
+              "--c4-path", str(data["c4"]), "--device", "cpu", "--no-report"]
+    results = {}
+    for task, limit in (("c4_ppl_2k", len(SAMPLES["c4_ppl_2k"])), ("lambada", LAMBADA_DOCS)):
+        assert main([*common, "--tasks", task, "--limit", str(limit), "--output-dir", str(tmp / task)]) == 0
+        results[task] = json.loads((tmp / task / "results.json").read_text())["results"][task]
+    return results
+
+
+def test_lm_eval_command_runs_palm_and_writes_results(lm_eval_results):
+    results = lm_eval_results["results"]
+    assert lm_eval_results["config"]["model"] == "palm"
+    assert lm_eval_results["config"]["max_length"] == 2048  # from get_model_info
+    assert {"c4_ppl_2k", "lambada_openai_local", "lambada_openai"} <= set(results)
+    assert results["c4_ppl_2k"]["sample_len"] == len(SAMPLES["c4_ppl_2k"])
+    assert results["lambada_openai_local"]["sample_len"] == LAMBADA_DOCS
+
+
+def test_c4_perplexity_matches_run_eval(lm_eval_results, run_eval_results):
+    ours, theirs = run_eval_results["c4_ppl_2k"], lm_eval_results["results"]["c4_ppl_2k"]
+    assert ours["sequences"] == len(SAMPLES["c4_ppl_2k"]) and ours["eot_scored"] is False
+    assert theirs["perplexity,none"] == pytest.approx(ours["perplexity"], rel=1e-4)
+    assert theirs["bits_per_byte,none"] == pytest.approx(ours["bits_per_byte"], rel=1e-4)
+
+
+@pytest.mark.parametrize("task", ["lambada_openai_local", "lambada_openai"])
+def test_lambada_matches_run_eval(lm_eval_results, run_eval_results, task):
+    ours, theirs = run_eval_results["lambada"], lm_eval_results["results"][task]
+    assert ours["count"] == LAMBADA_DOCS
+    assert theirs["acc,none"] == ours["acc"]
+    assert theirs["perplexity,none"] == pytest.approx(ours["perplexity"], rel=1e-4)
+
+
+def test_data_parallel_under_torchrun_gives_the_same_numbers(tmp_path, checkpoint, tokenizer_path, data, lm_eval_results):
+    """Two CPU processes (gloo) split the documents; lm-eval gathers them through the model's hooks."""
+    launcher = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "lm_eval"]
+    task = "lambada_openai_local"
+    two = lm_eval_command(launcher, checkpoint, tokenizer_path, data, [task], {task: SAMPLES[task]}, tmp_path / "out")
+    one = lm_eval_results["results"][task]
+    assert two["results"][task]["sample_len"] == one["sample_len"] == LAMBADA_DOCS
+    assert two["results"][task]["acc,none"] == one["acc,none"]
+    assert two["results"][task]["perplexity,none"] == pytest.approx(one["perplexity,none"], rel=1e-5)
