@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from palm_eval.errors import PalmEvalError
 
@@ -279,8 +280,12 @@ def fingerprint(tokens: np.ndarray) -> str:
     return "sha256:" + hashlib.sha256(np.ascontiguousarray(tokens, dtype="<i4").tobytes()).hexdigest()
 
 
-def load_token_stream(source: str | os.PathLike, tokenizer, max_tokens: int | None = None) -> np.ndarray:
+def load_token_stream(
+    source: str | os.PathLike, tokenizer, max_tokens: int | None = None, progress: bool = False
+) -> np.ndarray:
     """The evaluation stream of any source: pre-tokenized parquet as stored, everything else tokenized."""
     if not str(source).startswith(("builtin:", "hf:")) and is_pretokenized(source):
         return read_pretokenized(source)[:max_tokens]
-    return token_stream(read_documents(source), tokenizer, max_tokens=max_tokens)
+    documents = tqdm(read_documents(source), desc=f"tokenizing {source}", unit=" docs", leave=False,
+                     disable=None if progress else True)  # None: only in a terminal
+    return token_stream(documents, tokenizer, max_tokens=max_tokens)

@@ -283,14 +283,14 @@ def bundled_models() -> list[str]:
     return names
 
 
-def set_attention(model, pos_emb: str | None, window: str | None, task_name: str = "--attn-window") -> None:
+def set_attention(model, pos_emb: str | None, window: str | None) -> None:
     """Change position embedding and window of a loaded model in place (its blocks share `model.config`),
     so one checkpoint is loaded once and evaluated in several settings."""
     config = model.config
     if pos_emb is not None:
         config.pos_emb = pos_emb
     if window is not None:
-        config.attn_window = None if window.lower() == "none" else parse_length(window, model.card.train_length, task_name)
+        config.attn_window = None if window.lower() == "none" else parse_length(window, model.card.train_length, "--attn-window")
     PaLMConfig(**config.to_dict())  # validates
 
 
@@ -302,7 +302,7 @@ def evaluate_model(model, args, configs, tokenizer, out_dir: Path, dist: Dist, c
         model=model, tokenizer=tokenizer, train_length=card.train_length, data_dir=args.data_dir,
         paths={"c4_path": args.c4_path, "lambada_path": args.lambada_path, "text_path": args.text_path},
         limit=args.limit, stride=args.stride, seed=args.seed, batch_size=args.batch_size, skip_target=skip,
-        warn=(lambda m: print(f"warning: {m}", file=sys.stderr)) if dist.main else (lambda m: None),
+        warn=(lambda m: print(f"warning: {m}", file=sys.stderr)) if dist.main else (lambda m: None), progress=dist.main,
     )
     try:
         weights = resolve_weights(card)
@@ -368,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         if config["task_type"] != "passkey":
             resolve_source(config["task"], config, probe)
     output_dir = args.output_dir or Path("reports/default" if default_run else "outputs/eval")
-    command = shlex.join(["python", "run_eval.py", *(argv if argv is not None else sys.argv[1:])])
+    program = ["python", "run_eval.py"] if sys.argv[0].endswith("run_eval.py") else ["palm-eval", "eval"]
+    command = shlex.join([*program, *map(str, argv if argv is not None else sys.argv[1:])])
     settings = [(m, p, w) for m in models for p in pos_embs for w in windows]
 
     device = resolve_run_device(args.device)

@@ -78,7 +78,7 @@ class PasskeyTask(Task):
         super().__init__(name, config, ctx)
         self.lengths = [parse_length(spec, ctx.train_length, name) for spec in config["lengths"]]
         self.depths = [float(d) for d in config["depths"]]
-        self.trials = ctx.limit if ctx.limit is not None else int(config.get("trials", 3))
+        self.trials = min(int(config.get("trials", 3)), ctx.limit or math.inf)  # --limit bounds the trials per cell
         self.distractors = int(config.get("distractors", 9))
         for length in self.lengths:  # fail before any work when a length cannot hold the prompt
             build_trial(ctx.tokenizer, length, 0.0, [10000])

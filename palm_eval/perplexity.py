@@ -20,7 +20,8 @@ import torch
 
 from palm_eval.errors import PalmEvalError
 from palm_eval.model import PaLM
-from palm_eval.tasks import RunContext, Task, format_length, parse_length, resolve_source
+from palm_eval.data import fingerprint
+from palm_eval.tasks import RunContext, Task, data_flag, format_length, parse_length, resolve_source
 
 
 @dataclass(frozen=True)
@@ -133,11 +134,12 @@ class PerplexityTask(Task):
         if sequences == 0:
             raise PalmEvalError(
                 f"{name}: the data ({', '.join(self.sources)}) gives {len(stream):,} tokens, fewer than one sequence of "
-                f"{longest:,} needs ({longest + 1:,}); give more text ({resolve_hint(config)}) or a shorter length"
+                f"{longest:,} needs ({longest + 1:,}); give more text ({data_flag(config) or 'a larger source'}) or a shorter length"
             )
         if limit is not None and sequences < limit:
             ctx.warn(f"{name}: the data fills only {sequences} sequences of {longest:,} tokens (--limit {limit})")
         self.stream = stream[: sequences * longest + 1]
+        self.data_fingerprint = fingerprint(self.stream)
         self.skip_target = ctx.skip_target
         self.strides = {length: min(ctx.stride or length, length) for _, length in self.lengths}
         self.windows = {length: plan_windows(len(self.stream), length, self.strides[length]) for _, length in self.lengths}
@@ -148,15 +150,7 @@ class PerplexityTask(Task):
         return f"{self.name}_{spec if spec.endswith('x') else format_length(length)}"
 
     def fingerprint(self) -> dict:
-        return {"data": self.data_fingerprint, "skip_target": self.skip_target, "stride": self.ctx.stride}
-
-    @property
-    def data_fingerprint(self) -> str:
-        from palm_eval.data import fingerprint
-
-        if not hasattr(self, "_fingerprint"):
-            self._fingerprint = fingerprint(self.stream)
-        return self._fingerprint
+        return {"data": self.data_fingerprint}
 
     def items(self) -> list[tuple[str, tuple[int, Window]]]:
         return [(f"{length}:{i}", (length, w)) for _, length in self.lengths for i, w in enumerate(self.windows[length])]
@@ -187,8 +181,3 @@ class PerplexityTask(Task):
             }
             details[name] = {"loss_by_position": by_position}
         return entries, details
-
-
-def resolve_hint(config: dict) -> str:
-    option = (config.get("data") or {}).get("option")
-    return f"--{option.replace('_', '-')}" if option else "a larger source"

@@ -68,6 +68,7 @@ class RunContext:
     batch_size: int = 1
     skip_target: int | None = None  # target id never scored (end-of-text for the published models)
     warn: Callable[[str], None] = lambda message: print(f"warning: {message}", file=sys.stderr)
+    progress: bool = False  # progress bars (on the main process, in a terminal)
     _streams: dict = field(default_factory=dict)
     _byte_lengths: np.ndarray | None = None
 
@@ -79,7 +80,8 @@ class RunContext:
         if key not in self._streams:
             parts, total = [], 0
             for source in sources:
-                parts.append(load_token_stream(source, self.tokenizer, None if max_tokens is None else max_tokens - total))
+                wanted = None if max_tokens is None else max_tokens - total
+                parts.append(load_token_stream(source, self.tokenizer, wanted, progress=self.progress))
                 total += len(parts[-1])
                 if max_tokens is not None and total >= max_tokens:
                     break
@@ -164,11 +166,16 @@ def make_task(config: dict, ctx: RunContext) -> Task:
     return cls(config["task"], config, ctx)
 
 
+def data_flag(config: dict) -> str | None:
+    """The command-line option that gives a task its data (--c4-path for `option: c4_path`)."""
+    option = (config.get("data") or {}).get("option")
+    return f"--{option.replace('_', '-')}" if option else None
+
+
 def resolve_source(name: str, config: dict, ctx: RunContext) -> tuple[str, ...]:
     """Where a task's data is: its option (--c4-path ...), else its file patterns in --data-dir, else its source."""
     data = config.get("data") or {}
-    option, patterns = data.get("option"), data.get("files", [])
-    flag = f"--{option.replace('_', '-')}" if option else None
+    option, patterns, flag = data.get("option"), data.get("files", []), data_flag(config)
     if option and ctx.paths.get(option):
         path = str(ctx.paths[option])
         if not path.startswith(("hf:", "builtin:")) and not Path(path).expanduser().exists():
