@@ -256,12 +256,17 @@ def loss_by_position(curves: pd.DataFrame, style_of: dict[str, dict], train_leng
     `curves` has one row per bucket: family, label, length, start, end, nll (NaN if no finite token), nonfinite.
     A bucket is drawn at the geometric centre of its 1-based positions start+1 .. end.
     """
-    panels = list(dict.fromkeys(zip(curves["family"], curves["length"])))
-    panels.sort(key=lambda p: (list(dict.fromkeys(curves["family"])).index(p[0]), p[1]))
-    fig, axes = _grid(len(panels), min(3, len(panels)), 4.2, 3.1, legend_rows=2)
+    families = {f: sorted(curves.loc[curves["family"] == f, "length"].unique()) for f in dict.fromkeys(curves["family"])}
+    ncols = min(3, max(len(lengths) for lengths in families.values()))
+    panels: list[tuple[str, int] | None] = []  # row-major grid; each family starts on a new row
+    for family, lengths in families.items():
+        panels += [(family, n) for n in lengths] + [None] * (-len(lengths) % ncols)
+    fig, grid = _grid(len(panels), ncols, 4.2, 3.1, legend_rows=2)
+    for ax in (ax for ax, panel in zip(grid, panels) if panel is None):
+        ax.set_visible(False)
+    axes = [ax for ax, panel in zip(grid, panels) if panel is not None]
+    panels = [panel for panel in panels if panel is not None]
     labels = [label for label in style_of if label in set(curves["label"])]
-    finite = curves["nll"].dropna()
-    pad = 0.06 * ((finite.max() - finite.min()) or 1.0)
     lines = train_lines({label: train_length.get(label) for label in labels})
     for ax, (family, length) in zip(axes, panels):
         panel = curves[(curves["family"] == family) & (curves["length"] == length)]
@@ -282,6 +287,8 @@ def loss_by_position(curves: pd.DataFrame, style_of: dict[str, dict], train_leng
         _draw_train_lines(ax, lines, length)
         _log2_axis(ax, 1, length, max_ticks=7)
         ax.set_xlim(0.8, length * 1.25)
+        finite = curves.loc[curves["family"] == family, "nll"].dropna()  # one y scale per family
+        pad = 0.06 * ((finite.max() - finite.min()) or 1.0)
         ax.set_ylim(finite.min() - pad, finite.max() + 4 * pad)
         shared = len(lines) == 1 and all(train_length.get(label) for label in labels)
         multiple = f" ({length / next(iter(lines)):g}× training length)" if shared else ""
@@ -298,16 +305,20 @@ def loss_by_position(curves: pd.DataFrame, style_of: dict[str, dict], train_leng
 
 
 def passkey_heatmaps(cells: pd.DataFrame, labels: list[str]) -> Figure:
-    """Accuracy per length × needle depth, greedy and log-likelihood scoring side by side, one row per model."""
-    lengths = sorted(cells["length"].unique())
-    depths = sorted(cells["depth"].unique())
+    """Accuracy per length × passkey depth, greedy and log-likelihood scoring side by side, one row per model.
+
+    Each row shows its own grid of lengths and depths; "n/a" marks a cell of that grid without trials.
+    """
     cmap = matplotlib.colormaps[ACCURACY_CMAP]
-    width = 2 * (0.62 * len(lengths) + 1.3) + 1.2
-    fig = Figure(figsize=(width, len(labels) * (0.36 * len(depths) + 1.2) + 0.4), layout="constrained")
+    most_lengths = cells.groupby("label")["length"].nunique().max()
+    most_depths = cells.groupby("label")["depth"].nunique().max()
+    width = 2 * (0.62 * most_lengths + 1.3) + 1.2
+    fig = Figure(figsize=(width, len(labels) * (0.36 * most_depths + 1.2) + 0.4), layout="constrained")
     axes = fig.subplots(len(labels), 2, squeeze=False)
     mesh = None
     for row, label in enumerate(labels):
         model = cells[cells["label"] == label]
+        lengths, depths = sorted(model["length"].unique()), sorted(model["depth"].unique())
         for col, (metric, name) in enumerate([("acc_greedy", "greedy decoding"), ("acc_loglik", "log-likelihood")]):
             ax = axes[row, col]
             grid = model.pivot_table(index="depth", columns="length", values=metric, aggfunc="first", dropna=False)
@@ -334,7 +345,7 @@ def passkey_heatmaps(cells: pd.DataFrame, labels: list[str]) -> Figure:
 def throughput_memory(timing: pd.DataFrame, style_of: dict[str, dict]) -> Figure:
     """Tokens per second and peak memory against evaluation length, one line per model (and memory kind)."""
     fig, (speed, memory) = _grid(2, 2, 4.8, 3.4)
-    kinds = [k for k in dict.fromkeys(timing["memory_kind"].fillna("unknown"))]
+    kinds = list(dict.fromkeys(timing["memory_kind"].fillna("unknown")))
     peak = timing["peak_memory_bytes"].astype(float)
     unit, scale = ("GiB", 2.0**30) if peak.max() >= 2**30 else ("MiB", 2.0**20)
     labels = [label for label in style_of if label in set(timing["label"])]

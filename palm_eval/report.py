@@ -454,8 +454,8 @@ def _comparability_notes(runs: list[Run]) -> list[str]:
             values = {run.label: run.data["results"][task].get(field) for run in runs if task in run.data["results"]}
             if len({json.dumps(v) for v in values.values()}) > 1:
                 listed = "; ".join(f"{label}: {json.dumps(v)}" for label, v in values.items())
-                notes.append(f"{task}: {field} differs between runs ({listed}); its numbers are not measured the "
-                             "same way for every model.")
+                notes.append(f"{task}: {field} differs between runs ({listed}), so its numbers are not directly "
+                             "comparable between these models.")
     return notes
 
 
