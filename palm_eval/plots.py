@@ -51,13 +51,12 @@ def style():
         yield
 
 
-def save(fig: Figure, directory: Path, stem: str) -> list[Path]:
+def save(fig: Figure, directory: Path, stem: str) -> None:
     """Write `stem.png` (150 dpi) and `stem.svg` without dates or version strings, so outputs don't churn."""
     png, svg = directory / f"{stem}.png", directory / f"{stem}.svg"
     fig.savefig(png, dpi=150, metadata={"Software": None})
     fig.set_layout_engine("none")  # keep the layout just computed: the SVG is the same picture, at half the cost
     fig.savefig(svg, metadata={"Date": None, "Creator": None})
-    return [png, svg]
 
 
 def styles(labels: list[str]) -> dict[str, dict]:
@@ -152,7 +151,7 @@ def _mark_nonfinite(ax, points: list[tuple[float, str]], style_of: dict[str, dic
     return 0.11 + 0.055 * max(stacked.values()) if stacked else 0.04
 
 
-def train_lines(train_length: dict[str, int | None]) -> dict[int, dict]:
+def _train_lines(train_length: dict[str, int | None]) -> dict[int, dict]:
     """Line style and legend label per distinct training length, naming the models when they differ."""
     groups: dict[int, list[str]] = {}
     for label, t in train_length.items():
@@ -210,7 +209,7 @@ def perplexity_vs_length(ppl: pd.DataFrame, style_of: dict[str, dict], train_len
     fig, axes = _grid(len(families), ncols, 5.4 if ncols > 1 else 6.8, 3.9, legend_rows=2)
     shown: list[str] = []
     any_nonfinite = any_partial = False
-    lines = train_lines(train_length)
+    lines = _train_lines(train_length)
     for ax, family in zip(axes, families):
         fam = ppl[ppl["family"] == family]
         labels = [label for label in style_of if label in set(fam["label"])]
@@ -267,7 +266,7 @@ def loss_by_position(curves: pd.DataFrame, style_of: dict[str, dict], train_leng
     axes = [ax for ax, panel in zip(grid, panels) if panel is not None]
     panels = [panel for panel in panels if panel is not None]
     labels = [label for label in style_of if label in set(curves["label"])]
-    lines = train_lines({label: train_length.get(label) for label in labels})
+    lines = _train_lines({label: train_length.get(label) for label in labels})
     for ax, (family, length) in zip(axes, panels):
         panel = curves[(curves["family"] == family) & (curves["length"] == length)]
         stacked = 0
