@@ -601,7 +601,10 @@ def _content(runs: list[Run], figures: Path) -> list[tuple]:
         if not timed.empty:
             blocks += [("ul", _timing_sentences(timed, labels)),
                        figure(plots.throughput_memory, "throughput_memory",
-                              "Tokens per second and peak memory against evaluation length.", timed, style_of)]
+                              "Tokens per second (tokens evaluated in a task / its wall time) and peak memory "
+                              "against evaluation length. Process RSS: peak resident memory of the whole process "
+                              "during the task, weights and interpreter included; CUDA max allocated: peak of "
+                              "PyTorch's CUDA allocator.", timed, style_of)]
         blocks.append(("table", _timing_table(timing), "Timing per task"))
         if (timing["cached_items"] > 0).any():
             blocks.append(("p", "Tasks with items from cache were partly read from the evaluation cache: their wall "
