@@ -36,7 +36,7 @@ from palm_eval.tokenizer import Tokenizer, load_tokenizer
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 2048  # for a bare checkpoint whose training length nothing records
-CPU_AUTO_BATCH_TOKENS = 16384  # batch_size=auto on a CPU: tokens per batch (out-of-memory cannot be caught there)
+CPU_AUTO_BATCH_TOKENS = 16384  # batch_size=auto on a CPU: tokens per batch
 GEN_KWARGS = ("do_sample", "temperature", "top_k", "top_p")
 
 
@@ -101,16 +101,22 @@ class PalmLM(TemplateLM):
         card = self.model.card
         spec = tokenizer or card.tokenizer
         if spec is None:
-            raise PalmEvalError(f"{pretrained} names no tokenizer: add tokenizer=<tokenizer.json path or hub id> to --model_args")
+            raise PalmEvalError(
+                f"{pretrained} names no tokenizer: add tokenizer=<tokenizer.json path or hub id> to --model_args"
+            )
         self.tokenizer = load_tokenizer(spec)
         if self.tokenizer.vocab_size > self.model.config.num_tokens:
             raise PalmEvalError(
-                f"tokenizer {spec} has {self.tokenizer.vocab_size} tokens but the model only {self.model.config.num_tokens}: "
-                "is it the tokenizer this model was trained with?"
+                f"tokenizer {spec} has {self.tokenizer.vocab_size} tokens but the model only "
+                f"{self.model.config.num_tokens}: is it the tokenizer this model was trained with?"
             )
         self._fingerprint = tokenizer_fingerprint(self.tokenizer)
         if max_length is None and card.train_length is None:
-            warnings.warn(f"{pretrained} records no training length: max_length={DEFAULT_MAX_LENGTH}", stacklevel=2)
+            warnings.warn(
+                f"{pretrained} records no training length: using max_length={DEFAULT_MAX_LENGTH}; pass max_length "
+                "(or a registered name such as palm_150m, whose card gives it)",
+                stacklevel=2,
+            )
         self._max_length = int(max_length or card.train_length or DEFAULT_MAX_LENGTH)
         self._max_gen_toks = int(max_gen_toks)
         # the published models never learnt to predict end-of-text (their loss ignored id 0): as run_eval.py,
@@ -200,7 +206,7 @@ class PalmLM(TemplateLM):
             "tokenizer": self.tokenizer.name,
         }
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """log P(continuation | context) and whether greedy decoding gives it, keeping the last max_length tokens."""
         rows = []
         for _, context, continuation in requests:
@@ -227,7 +233,7 @@ class PalmLM(TemplateLM):
                 owner.append(i)
                 skips.append(skip)
         totals = [0.0] * len(requests)
-        for skip in dict.fromkeys(skips):  # the published models' text skips end-of-text, palm-eval's sequences say
+        for skip in dict.fromkeys(skips):  # plain texts follow score_eot; palm-eval's sequences carry their choice
             chosen = [k for k, s in enumerate(skips) if s == skip]
             scores = self._score_rows([rows[k] for k in chosen], skip, disable_tqdm=disable_tqdm, desc="rolling")
             for k, (ll, _) in zip(chosen, scores):
@@ -255,27 +261,25 @@ class PalmLM(TemplateLM):
         """
         eos_text = self.tok_decode([self.eot_token_id])
         groups: dict[tuple, list[int]] = defaultdict(list)
-        prepared = []
+        prompts: list[list[int]] = []
         for i, (context, gen_kwargs) in enumerate(req.args for req in requests):
             kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
             max_new = int(kwargs.pop("max_gen_toks"))
             room = self.max_length - max_new
             if room < 1:
-                raise PalmEvalError(f"max_gen_toks {max_new} leaves no room for a prompt within max_length {self.max_length}")
-            prompt = (self.tok_encode(context) if context else [self.eot_token_id])[-room:]
-            settings = self._sampling_settings(kwargs)
-            prepared.append((prompt, until, max_new, settings))
-            groups[(len(prompt), max_new, tuple(until), settings)].append(i)
+                raise PalmEvalError(f"max_gen_toks {max_new} leaves no room for a prompt in {self.max_length} tokens")
+            prompts.append((self.tok_encode(context) if context else [self.eot_token_id])[-room:])
+            groups[(len(prompts[-1]), max_new, tuple(until), self._sampling_settings(kwargs))].append(i)
 
         results: list[str] = [""] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="generate_until")
-        for (_, max_new, until, settings), members in groups.items():
-            size = self._rows_per_batch(len(prepared[members[0]][0]) + max_new)
+        for (length, max_new, until, settings), members in groups.items():
+            size = self._rows_per_batch(length + max_new)
             for s in range(0, len(members), size):
                 batch = members[s : s + size]
-                prompts = torch.tensor([prepared[i][0] for i in batch], device=self.device)
-                for i, text in zip(batch, self._generate(prompts, max_new, list(until), dict(settings))):
+                tokens = torch.tensor([prompts[i] for i in batch], device=self.device)
+                for i, text in zip(batch, self._generate(tokens, max_new, list(until), dict(settings))):
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 bar.update(len(batch))
@@ -375,7 +379,8 @@ class PalmLM(TemplateLM):
         return self._auto_batch_sizes[bucket]
 
     def _detect_batch_size(self, length: int) -> int:
-        """The largest power of two up to max_batch_size that fits: tried on a GPU, from a token budget on a CPU."""
+        """The largest batch that fits: halving from max_batch_size until a trial passes on a GPU; a token
+        budget on a CPU, where running out of memory cannot be caught."""
         if self.device.type != "cuda":
             return max(1, min(self.max_batch_size, CPU_AUTO_BATCH_TOKENS // max(1, length)))
         size = self.max_batch_size
