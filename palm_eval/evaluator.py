@@ -187,8 +187,7 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
 def run_task(task, cache: ItemCache, dist: Dist, batch_size: int) -> tuple[dict[str, dict], int, int]:
     """Every item's result (gathered on all processes), and the items and tokens evaluated now (not cached)."""
     items = task.items()
-    size = getattr(task, "batch_size", None) or batch_size
-    batches = [items[i : i + size] for i in range(0, len(items), size)][dist.rank :: dist.world]
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)][dist.rank :: dist.world]
     done = cache.load()
     results, todo = {}, []
     for batch in batches:
@@ -301,7 +300,7 @@ def evaluate_model(model, args, configs, tokenizer, out_dir: Path, dist: Dist, c
     ctx = RunContext(
         model=model, tokenizer=tokenizer, train_length=card.train_length, data_dir=args.data_dir,
         paths={"c4_path": args.c4_path, "lambada_path": args.lambada_path, "text_path": args.text_path},
-        limit=args.limit, stride=args.stride, seed=args.seed, batch_size=args.batch_size, skip_target=skip,
+        limit=args.limit, stride=args.stride, seed=args.seed, skip_target=skip,
         warn=(lambda m: print(f"warning: {m}", file=sys.stderr)) if dist.main else (lambda m: None), progress=dist.main,
     )
     try:

@@ -65,7 +65,6 @@ class RunContext:
     limit: int | None = None
     stride: int | None = None
     seed: int = 0
-    batch_size: int = 1
     skip_target: int | None = None  # target id never scored (end-of-text for the published models)
     warn: Callable[[str], None] = lambda message: print(f"warning: {message}", file=sys.stderr)
     progress: bool = False  # progress bars (on the main process, in a terminal)
