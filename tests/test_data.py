@@ -13,6 +13,7 @@ from palm_eval.data import (
     builtin_documents,
     builtin_fingerprint,
     fingerprint,
+    load_token_stream,
     read_documents,
     read_pretokenized,
     token_byte_lengths,
@@ -83,6 +84,10 @@ def test_raw_and_pretokenized_paths_give_the_same_stream(tmp_path, c4_docs, neox
     assert np.array_equal(pretok, stream[: blocks * BLOCK_SIZE])
     assert fingerprint(pretok) == fingerprint(stream[: blocks * BLOCK_SIZE].astype(np.int64))
     assert fingerprint(pretok) != fingerprint(stream[1 : blocks * BLOCK_SIZE + 1])
+    # what the evaluator reads: a parquet of `input_ids` is taken as pre-tokenized, one of `text` is tokenized
+    pq.write_table(pa.table({"text": c4_docs}), tmp_path / "c4-raw.parquet")
+    raw = load_token_stream(tmp_path / "c4-raw.parquet", neox_tokenizer, max_tokens=BLOCK_SIZE + 1)
+    assert np.array_equal(load_token_stream(tmp_path / "c4-pretok.parquet", neox_tokenizer, BLOCK_SIZE + 1), raw)
 
 
 def test_token_bytes_sum_to_the_normalized_text_bytes(c4_docs, neox_tokenizer):
