@@ -202,6 +202,11 @@ def test_torchrun_two_processes_give_the_numbers_of_one(files, tmp_path):
                     "run_eval.py", *map(str, args)], cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
     two = read(tmp_path / "two" / "results.json")
     assert two["run"]["world_size"] == 2
-    assert {p.name.split(".")[1] for p in (tmp_path / "two" / "cache").glob("*.jsonl")} == {"rank0", "rank1"}
+    by_rank = {}  # each process computed its own share of the items, and together all of them
+    for path in (tmp_path / "two" / "cache").glob("*.jsonl"):
+        ids = {(path.name.split("-")[0], json.loads(line)["id"]) for line in path.read_text().splitlines()}
+        by_rank.setdefault(path.name.split(".")[1], set()).update(ids)
+    assert set(by_rank) == {"rank0", "rank1"} and not by_rank["rank0"] & by_rank["rank1"]
+    assert len(by_rank["rank0"] | by_rank["rank1"]) == 46 + 12 + 8
     assert run_eval(*base_args(files, tmp_path / "one"), "--tasks", f"text_ppl_64,lambada,{files / 'pk.yaml'}", "--batch-size", "4") == 0
     assert comparable(two) == comparable(read(tmp_path / "one" / "results.json"))
