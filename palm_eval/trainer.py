@@ -477,5 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = TrainConfig.from_yaml(args.config, args.overrides)
     argv = sys.argv[1:] if argv is None else argv
-    train(cfg, command="palm-eval train " + shlex.join(argv))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    launcher = f"torchrun --nproc_per_node {world} -m palm_eval.cli train" if world > 1 else "palm-eval train"
+    train(cfg, command=f"{launcher} {shlex.join(argv)}")
     return 0
