@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -88,7 +88,11 @@ def get_card(name_or_path: str | os.PathLike) -> ModelCard:
     if path.suffix in (*PICKLE_SUFFIXES, ".safetensors"):
         if not path.is_file():
             raise PalmEvalError(f"checkpoint not found: {path}")
-        return ModelCard(name=path.stem, config={}, source=str(path), weights={"path": str(path.resolve())})
+        weights = {"path": str(path.resolve())}
+        for card in registered_cards().values():  # a published file keeps its card: training length, tokenizer
+            if card.weights.get("filename") == path.name:
+                return replace(card, source=str(path), weights=weights)
+        return ModelCard(name=path.stem, config={}, source=str(path), weights=weights)
     cards = registered_cards()
     if spec not in cards:
         names = sorted({c.name for c in cards.values()})

@@ -132,3 +132,12 @@ def test_generate_command_runs_on_a_checkpoint(tmp_path):
 
     assert main(["generate", "def f", "--model", str(path), "--tokenizer", "byte", "--seq_len", "12",
                  "--temperature", "0"]) == 0
+
+
+def test_a_published_file_passed_by_path_keeps_its_card(tmp_path):
+    """palm_150m_8k_v0.pt given directly still knows its training length and tokenizer."""
+    path = tmp_path / "palm_150m_8k_v0.pt"
+    path.write_bytes(b"not read by get_card")
+    card = get_card(path)
+    assert (card.name, card.train_length, card.tokenizer) == ("palm_150m", 8192, "EleutherAI/gpt-neox-20b")
+    assert card.weights == {"path": str(path.resolve())}
