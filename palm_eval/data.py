@@ -145,7 +145,9 @@ def _json_texts(path: Path) -> Iterator[str]:
                 records = (json.loads(line) for line in f if line.strip())
             for i, record in enumerate(records):
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise PalmEvalError(f"{path}: record {i + 1} has no string `text` field (expected {{\"text\": ...}})")
+                    raise PalmEvalError(
+                        f"{path}: record {i + 1} has no string `text` field (expected {{\"text\": ...}})"
+                    )
                 yield record["text"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, EOFError) as e:
         raise PalmEvalError(f"{path} is not readable JSON lines: {str(e).splitlines()[0]}") from None
@@ -166,8 +168,9 @@ def _hf_documents(spec: str) -> Iterator[str]:
     except PalmEvalError:
         raise
     except Exception as e:
+        reason = str(e).splitlines()[0][:150] if str(e) else ""
         raise PalmEvalError(
-            f"cannot read Hugging Face dataset {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}); "
+            f"cannot read Hugging Face dataset {name!r} ({type(e).__name__}: {reason}); "
             "offline? download it and pass a local parquet/jsonl file instead"
         ) from None
 

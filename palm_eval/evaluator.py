@@ -50,22 +50,31 @@ def build_parser() -> argparse.ArgumentParser:
         "Without arguments: the bundled tiny models on the built-in held-out corpus, with and without "
         "windowed attention, and a report in reports/default.",
     )
-    p.add_argument("--model", action="append", help="registered name, card .yaml or checkpoint; repeat or comma-separate to compare")
-    p.add_argument("--tasks", help="comma-separated task names or task .yaml files (e.g. lambada,c4_ppl_16k,text_ppl_2k)")
-    p.add_argument("--data-dir", type=Path, help="directory where tasks find their files by name (c4-validation*.parquet, lambada_test.jsonl)")
-    p.add_argument("--c4-path", help="C4 documents (parquet/jsonl/json.gz with `text`, or pre-tokenized `input_ids` parquet) or hf:allenai/c4:en@validation")
+    p.add_argument("--model", action="append",
+                   help="registered name, card .yaml or checkpoint; repeat or comma-separate to compare")
+    p.add_argument("--tasks", help="comma-separated task names or task .yaml files, e.g. lambada,c4_ppl_16k")
+    p.add_argument("--data-dir", type=Path,
+                   help="where tasks find their files: c4-validation*.parquet|jsonl|json.gz, lambada_test.jsonl")
+    p.add_argument("--c4-path", help="C4: parquet/jsonl/json.gz with `text`, pre-tokenized `input_ids` parquet, "
+                   "or hf:allenai/c4:en@validation")
     p.add_argument("--lambada-path", help="LAMBADA jsonl, one {\"text\"} per line")
     p.add_argument("--text-path", help="corpus for text_ppl_<L>: a text file, a directory of them, parquet or jsonl")
-    p.add_argument("--output-dir", type=Path, help="where results.json, the item cache and the report go (default outputs/eval)")
+    p.add_argument("--output-dir", type=Path,
+                   help="where results.json, the item cache and the report go (default outputs/eval)")
     p.add_argument("--tokenizer", help="overrides the card's tokenizer: byte, a tokenizer.json path, or a hub id")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model weights and activations")
-    p.add_argument("--batch-size", type=_positive, default=1, help="sequences per forward pass (the numbers do not depend on it)")
-    p.add_argument("--limit", type=_positive, help="at most N: perplexity sequences (of the longest length), lambada documents, passkey trials per cell")
-    p.add_argument("--stride", type=_positive, help="perplexity: score the last STRIDE tokens of windows moved by STRIDE (default: the length, non-overlapping)")
+    p.add_argument("--batch-size", type=_positive, default=1,
+                   help="sequences per forward pass (the numbers do not depend on it)")
+    p.add_argument("--limit", type=_positive, help="at most N: perplexity sequences (of the longest length), "
+                   "lambada documents, passkey trials per cell")
+    p.add_argument("--stride", type=_positive, help="perplexity: windows move by STRIDE and score their last STRIDE "
+                   "targets (default: the length, non-overlapping)")
     p.add_argument("--pos-emb", help=f"override position embedding: {'|'.join(POS_EMBS)}; comma-separate to compare")
-    p.add_argument("--attn-window", help="override attention window: tokens, Nx the training length, or none; comma-separate to compare")
-    p.add_argument("--score-eot", action="store_true", help="also score end-of-text targets for models trained to ignore them")
+    p.add_argument("--attn-window", help="override attention window: tokens, Nx the training length, or none; "
+                   "comma-separate to compare")
+    p.add_argument("--score-eot", action="store_true",
+                   help="also score end-of-text targets for models trained to ignore them")
     p.add_argument("--seed", type=int, default=0, help="passkey keys and positions")
     p.add_argument("--no-report", action="store_true", help="write results.json only")
     return p
@@ -232,7 +241,8 @@ def write_results(path: Path, doc: dict) -> None:
 def git_commit() -> str | None:
     root = Path(palm_eval.__file__).resolve().parent.parent
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        command = ["git", "-C", str(root), "rev-parse", "--short", "HEAD"]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -250,7 +260,8 @@ def model_label(name: str, config: PaLMConfig) -> str:
 
 def print_table(doc: dict) -> None:
     print(f"\n{doc['model']['label']}")
-    print(f"{'task':<24} {'length':>7} {'ppl':>10} {'nll':>7} {'bpb':>6} {'acc':>6} {'scored':>9} {'nonfin':>6} {'time s':>7}")
+    print(f"{'task':<24} {'length':>7} {'ppl':>10} {'nll':>7} {'bpb':>6} {'acc':>6} {'scored':>9} {'nonfin':>6} "
+          f"{'time s':>7}")
     for name, r in doc["results"].items():
         acc = r.get("acc", r.get("acc_loglik"))
         scored = r.get("scored_tokens", r.get("count", r.get("trials")))
@@ -289,7 +300,8 @@ def set_attention(model, pos_emb: str | None, window: str | None) -> None:
     if pos_emb is not None:
         config.pos_emb = pos_emb
     if window is not None:
-        config.attn_window = None if window.lower() == "none" else parse_length(window, model.card.train_length, "--attn-window")
+        none = window.lower() == "none"
+        config.attn_window = None if none else parse_length(window, model.card.train_length, "--attn-window")
     PaLMConfig(**config.to_dict())  # validates
 
 
@@ -330,7 +342,8 @@ def evaluate_model(model, args, configs, tokenizer, out_dir: Path, dist: Dist, c
         task = make_task(config, ctx)
         key = cache_key(card.to_dict(), weights_id, model.config.to_dict(), args.dtype, device.type, tokenizer.name,
                         config, task.fingerprint(), args.batch_size, args.limit, args.stride, skip)
-        results, fresh_items, fresh_tokens = run_task(task, ItemCache(out_dir / "cache", task.name, key, dist.rank), dist, args.batch_size)
+        cache = ItemCache(out_dir / "cache", task.name, key, dist.rank)
+        results, fresh_items, fresh_tokens = run_task(task, cache, dist, args.batch_size)
         entries, details = task.aggregate(results)
         wall = time.perf_counter() - t0
         peaks = dist.gather(peak_memory(device))
@@ -352,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     models = _split(args.model) or bundled_models()
     task_names = _split(args.tasks) or ([DEFAULT_TASKS] if default_run else [])
     if not task_names:
-        raise PalmEvalError("pass --tasks, e.g. --tasks c4_ppl_2k,lambada,passkey (or run without --model for the default)")
+        raise PalmEvalError("pass --tasks, e.g. --tasks c4_ppl_2k,lambada,passkey (or no --model for the default run)")
     for name in models:  # unknown models and task names fail first, before any work
         get_card(name)
     configs = [task_config(name) for name in task_names]
@@ -382,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer = load_tokenizer(args.tokenizer or _card_tokenizer(model.card))
             if tokenizer.vocab_size > model.config.num_tokens:
                 raise PalmEvalError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but {name} only "
-                                    f"{model.config.num_tokens} embeddings: pass the model's tokenizer with --tokenizer")
+                                    f"{model.config.num_tokens} embeddings: pass its tokenizer with --tokenizer")
             for _, pos_emb, window in [s for s in settings if s[0] == name]:
                 set_attention(model, pos_emb, window)
                 label = model_label(model.card.name, model.config)
@@ -409,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _card_tokenizer(card) -> str:
     if not card.tokenizer:
-        raise PalmEvalError(f"{card.name} names no tokenizer: pass --tokenizer (byte, a tokenizer.json path or a hub id)")
+        raise PalmEvalError(f"{card.name} names no tokenizer: pass --tokenizer (byte, a tokenizer.json or a hub id)")
     return card.tokenizer
 
 

@@ -38,7 +38,8 @@ def build_trial(tokenizer, length: int, depth: float, keys: list[int]) -> tuple[
     fixed = len(intro) + len(needle) + len(question) + len(answers[0])
     fill = (length - fixed) // len(filler)
     if fill < 1:
-        raise PalmEvalError(f"passkey: length {length} is too short; the prompt needs at least {fixed + len(filler)} tokens")
+        needed = fixed + len(filler)
+        raise PalmEvalError(f"passkey: length {length} is too short; the prompt needs at least {needed} tokens")
     before = round(depth * fill)
     prompt = intro + filler * before + needle + filler * (fill - before) + question
     return prompt, answers
@@ -62,7 +63,8 @@ def score_trial(model, prompt: list[int], answers: list[list[int]]) -> tuple[boo
     for answer in answers:
         ll = [first[answer[0]].item()]
         if len(answer) > 1:
-            ll += continue_from(answer[:-1]).gather(-1, torch.tensor(answer[1:], device=device)[:, None]).flatten().tolist()
+            rest = torch.tensor(answer[1:], device=device)[:, None]
+            ll += continue_from(answer[:-1]).gather(-1, rest).flatten().tolist()
         lls.append(math.fsum(ll))
 
     generated = [int(first.argmax())]

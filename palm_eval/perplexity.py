@@ -133,8 +133,9 @@ class PerplexityTask(Task):
         sequences = (len(stream) - 1) // longest
         if sequences == 0:
             raise PalmEvalError(
-                f"{name}: the data ({', '.join(self.sources)}) gives {len(stream):,} tokens, fewer than one sequence of "
-                f"{longest:,} needs ({longest + 1:,}); give more text ({data_flag(config) or 'a larger source'}) or a shorter length"
+                f"{name}: the data ({', '.join(self.sources)}) gives {len(stream):,} tokens, fewer than one "
+                f"sequence of {longest:,} needs ({longest + 1:,}); give more text "
+                f"({data_flag(config) or 'a larger source'}) or a shorter length"
             )
         if limit is not None and sequences < limit:
             ctx.warn(f"{name}: the data fills only {sequences} sequences of {longest:,} tokens (--limit {limit})")
@@ -142,7 +143,7 @@ class PerplexityTask(Task):
         self.data_fingerprint = fingerprint(self.stream)
         self.skip_target = ctx.skip_target
         self.strides = {length: min(ctx.stride or length, length) for _, length in self.lengths}
-        self.windows = {length: plan_windows(len(self.stream), length, self.strides[length]) for _, length in self.lengths}
+        self.windows = {n: plan_windows(len(self.stream), n, stride) for n, stride in self.strides.items()}
 
     def entry_name(self, spec: str, length: int) -> str:
         if len(self.lengths) == 1:
@@ -153,7 +154,7 @@ class PerplexityTask(Task):
         return {"data": self.data_fingerprint}
 
     def items(self) -> list[tuple[str, tuple[int, Window]]]:
-        return [(f"{length}:{i}", (length, w)) for _, length in self.lengths for i, w in enumerate(self.windows[length])]
+        return [(f"{n}:{i}", (n, w)) for n, windows in self.windows.items() for i, w in enumerate(windows)]
 
     def evaluate(self, batch: list[tuple[str, tuple[int, Window]]]) -> list[dict]:
         out = []

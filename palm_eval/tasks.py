@@ -43,7 +43,9 @@ def parse_length(spec: str | int, train_length: int | None, task: str = "") -> i
         else:
             length = int(text)
     except ValueError:
-        raise PalmEvalError(f"{task}: bad length {spec!r}: use tokens (2048), 2k or a multiple of the training length (4x)") from None
+        raise PalmEvalError(
+            f"{task}: bad length {spec!r}: use tokens (2048), 2k or a multiple of the training length (4x)"
+        ) from None
     if length < 1:
         raise PalmEvalError(f"{task}: length {spec!r} must be at least one token")
     return length
@@ -152,7 +154,8 @@ def task_config(name: str) -> dict:
         known = ", ".join([*files, "text_ppl_<L>"])
         raise PalmEvalError(f"unknown task {name!r}: available tasks are {known} (or a task .yaml file)")
     if config.get("task_type") not in TASK_TYPES:
-        raise PalmEvalError(f"task {name}: task_type must be one of {', '.join(TASK_TYPES)}, got {config.get('task_type')!r}")
+        types = ", ".join(TASK_TYPES)
+        raise PalmEvalError(f"task {name}: task_type must be one of {types}, got {config.get('task_type')!r}")
     return config
 
 

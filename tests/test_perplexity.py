@@ -48,7 +48,7 @@ def corpus(tmp_path_factory):
 
 def run(model, source, lengths, batch_size=1, stride=None, limit=None, skip_target=256):
     ctx = RunContext(model=model, tokenizer=BYTE, train_length=64, stride=stride, limit=limit, skip_target=skip_target)
-    config = {"task": "t", "task_type": "perplexity", "family": "t", "lengths": lengths, "data": {"source": str(source)}}
+    config = {"task": "t", "task_type": "perplexity", "lengths": lengths, "data": {"source": str(source)}}
     task = PerplexityTask("t", config, ctx)
     items, results = task.items(), {}
     for i in range(0, len(items), batch_size):
