@@ -52,7 +52,7 @@ class TrainConfig:
     """One training run; every field can be set in the YAML file. `model` holds PaLMConfig fields."""
 
     out_dir: str  # checkpoints, log.jsonl and the final model.safetensors; a run resumes from here
-    model: dict = field(default_factory=dict)  # num_tokens defaults to the tokenizer's vocabulary, ignore_index to its eos
+    model: dict = field(default_factory=dict)  # num_tokens defaults to the tokenizer's vocab, ignore_index to its eos
     data: str = "builtin:train"  # documents (read_documents) or a pre-tokenized `input_ids` parquet file / folder
     heldout: str | None = "builtin:heldout"
     tokenizer: str = "byte"
@@ -229,7 +229,8 @@ def save_checkpoint(out: Path, model: PaLM, optimizer: torch.optim.Optimizer, st
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(step_dir, ignore_errors=True)  # an orphan of a run killed before `latest` named it
     tmp.mkdir(parents=True)
-    save_safetensors(model, tmp / "model.safetensors", {"step": state["step"], "data_fingerprint": state["fingerprint"]})
+    meta = {"step": state["step"], "data_fingerprint": state["fingerprint"]}
+    save_safetensors(model, tmp / "model.safetensors", meta)
     rng = {"rng_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["rng_cuda"] = torch.cuda.get_rng_state_all()
@@ -370,8 +371,8 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
             last = latest_checkpoint(out)
             raise PalmEvalError(
-                f"training loss {train_loss} / gradient norm {grad_norm} at step {step + 1} is not finite; the last good "
-                f"checkpoint is {last or 'none'}: lower lr (now {lr:.3g}) or raise warmup_steps, then run again"
+                f"training loss {train_loss} / gradient norm {grad_norm} at step {step + 1} is not finite; the last "
+                f"good checkpoint is {last or 'none'}: lower lr (now {lr:.3g}) or raise warmup_steps, then run again"
             )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -462,7 +463,8 @@ def write_card(path: Path, model: PaLM, cfg: TrainConfig, summary: dict, command
         "weights": {"path": weights.name},
         **summary,
         "hardware": f"{proc.world} process(es), {proc.device.type}, {torch.get_num_threads()} threads each",
-        "software": f"python {platform.python_version()} (its stdlib is the built-in corpus), torch {torch.__version__}",
+        "software": f"python {platform.python_version()} (its stdlib is the built-in corpus), "
+        f"torch {torch.__version__}",
         "command": command,
     }
     header = "# Written by `palm-eval train`; the numbers below were measured by the run that made the weights.\n"

@@ -107,8 +107,8 @@ def test_killed_run_resumes_to_the_same_weights_and_losses(corpus, tmp_path):
     config = write_config(tmp_path / "c.yaml", corpus, **long)
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "palm_eval.cli", "train", "--config", str(config)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [sys.executable, "-m", "palm_eval.cli", "train", "--config", str(config)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not ((out / "latest").is_file() and int((out / "latest").read_text().split("_")[1]) >= 10):
         assert proc.poll() is None, "the training process ended before it could be killed"
@@ -198,12 +198,13 @@ def test_weight_decay_only_on_linear_weights_and_schedule():
     decayed, plain = build_optimizer(model, cfg, fused=False).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
-    assert sorted(names[id(p)].split(".")[-2] for p in decayed["params"]) == sorted(["attn_out", "ff_out", "fused_attn_ff_proj"] * 2)
+    linear = sorted(names[id(p)].split(".")[-2] for p in decayed["params"])
+    assert linear == sorted(["attn_out", "ff_out", "fused_attn_ff_proj"] * 2)
     assert {names[id(p)].rsplit(".", 1)[-1] for p in plain["params"]} == {"weight", "gamma", "q_scale", "k_scale"}
     assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
     assert lr_at(99, cfg) == pytest.approx(1e-4, rel=1e-2) and lr_at(55, cfg) == pytest.approx(5.5e-4, rel=1e-2)
-    linear = TrainConfig(out_dir="unused", steps=100, warmup_steps=0, lr=1e-3, min_lr=0.0, decay="linear")
-    assert lr_at(50, linear) == pytest.approx(5e-4)
+    linear_decay = TrainConfig(out_dir="unused", steps=100, warmup_steps=0, lr=1e-3, min_lr=0.0, decay="linear")
+    assert lr_at(50, linear_decay) == pytest.approx(5e-4)
 
 
 @pytest.mark.parametrize(
