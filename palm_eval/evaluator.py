@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model weights and activations")
     p.add_argument("--batch-size", type=_positive, default=1,
-                   help="sequences per forward pass (the numbers do not depend on it)")
+                   help="sequences per forward pass (on CPU the numbers do not depend on it)")
     p.add_argument("--limit", type=_positive, help="at most N: perplexity sequences (of the longest length), "
                    "lambada documents, passkey trials per cell")
     p.add_argument("--stride", type=_positive, help="perplexity: windows move by STRIDE and score their last STRIDE "
