@@ -14,6 +14,9 @@ What differs from the reference, on purpose:
 - xPos factors are centred per block of queries, so they stay finite at any length with a window;
 - the loss and per-token scores are computed over chunks of positions, so a [tokens, vocab] float32
   logits tensor is never materialized (32k x 50,304 would be 6.6 GB);
+- without gradients, long inputs go through each block in pieces of BLOCK_ROWS positions, updating the
+  residual stream in place (palm_150m scores 32k tokens in float32 within ~0.6 GB beyond its weights);
+  docs/benchmarks.md has the measurements behind these choices;
 - generation uses a key/value cache (tiny with multi-query: one k and one v head per layer).
 """
 
@@ -31,7 +34,10 @@ from palm_eval.errors import PalmEvalError
 
 POS_EMBS = ("xpos", "rope", "none")
 ATTENTIONS = ("sdpa", "flash_attn", "eager")
-LOGITS_CHUNK_BYTES = 64 * 2**20  # float32 logits held at once while scoring or computing the loss
+LOGITS_CHUNK_BYTES = 128 * 2**20  # float32 logits held at once while scoring or computing the loss (>= 512 rows
+# of the 50,304-token vocabulary: smaller chunks make the logits matmul ~25% slower on CPU)
+SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # scaled_dot_product_attention(enable_gqa=)
+BLOCK_ROWS = 2048  # without gradients, longer inputs go through each block's projections this many positions at a time
 
 
 @dataclass
@@ -94,15 +100,67 @@ def xpos_factors(config: PaLMConfig, positions: Tensor, centre: int) -> Tensor:
     return torch.cat((factors, factors), dim=-1).float().to(positions.device)
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+@dataclass
+class Positions:
+    """Everything position-dependent in one forward pass, computed once and shared by every layer.
+
+    New tokens sit at positions start..start+length; keys at 0..start+length (the cache, then the new ones).
+    Attention runs in `blocks` of queries (rows s..e of the new tokens over keys from `first_key`): one block,
+    or blocks of `attn_window` queries. Rotary tables are float32 and half width ([n, dim_head / 2]: the
+    angles repeat over the two halves of a head). With xPos, each query's factor (centred on its block) is
+    folded into the query tables, and `key_scales[i]` holds the inverse factors of block i's keys.
+    """
+
+    start: int
+    length: int
+    blocks: list[tuple[int, int, int]]
+    cos: Tensor | None = None  # rotary of the new keys
+    sin: Tensor | None = None
+    q_cos: Tensor | None = None  # rotary of the new queries, times their xPos factors
+    q_sin: Tensor | None = None
+    key_scales: list[Tensor | None] = field(default_factory=list)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate in float32 (the result stays float32; the caller casts back)."""
-    x = x.float()
-    return x * cos + rotate_half(x) * sin
+def make_positions(config: PaLMConfig, start: int, length: int, device: torch.device) -> Positions:
+    """The position tables of `length` new tokens after `start` cached ones (float64 math, float32 tables)."""
+    window = config.attn_window
+    block = length if window is None else window
+    blocks = [
+        (s, min(length, s + block), 0 if window is None else max(0, start + s - window + 1))
+        for s in range(0, max(length, 1), max(block, 1))
+    ]
+    pos = Positions(start, length, blocks, key_scales=[None] * len(blocks))
+    if config.pos_emb == "none":
+        return pos
+    half = config.dim_head // 2
+    cos, sin = (t[:, :half].contiguous() for t in rotary_tables(config, start, length, device))
+    pos.cos, pos.sin, pos.q_cos, pos.q_sin = cos, sin, cos, sin
+    if config.pos_emb == "xpos":
+        q_factors, key_scales = [], []
+        for s, e, first_key in blocks:
+            centre = start + s + (e - s) // 2
+            q_factors.append(xpos_factors(config, torch.arange(start + s, start + e, device=device), centre)[:, :half])
+            key_scales.append(1 / xpos_factors(config, torch.arange(first_key, start + e, device=device), centre))
+        q_factors = torch.cat(q_factors)
+        for factors in (q_factors, *key_scales):
+            _check_finite_xpos(factors, start + length, config)
+        pos.q_cos, pos.q_sin, pos.key_scales = cos * q_factors, sin * q_factors, key_scales
+    return pos
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding `x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)` of x [..., dim_head] with
+    half-width tables that broadcast against x's halves: computed in float32, returned in x's dtype."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((torch.addcmul(x1 * cos, x2, sin, value=-1), torch.addcmul(x2 * cos, x1, sin)), dim=-1).to(x.dtype)
+
+
+def _check_finite_xpos(x: Tensor, length: int, config: PaLMConfig) -> None:
+    if not torch.isfinite(x).all():
+        raise PalmEvalError(
+            f"xPos factors overflow float32 over {length} keys without a window: "
+            f"set attn_window (e.g. the training length) or evaluate shorter sequences"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,46 +214,29 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, q_start: int, k_start: int, window:
             scores = scores.masked_fill(~mask, float("-inf"))
         return torch.einsum("bhij,bjd->bhid", scores.softmax(dim=-1), v.float()).to(q.dtype)
 
-    k = k[:, None].expand(b, h, nk, d)
-    v = v[:, None].expand(b, h, nk, d)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=square_causal and nq > 1)
+    if SDPA_GQA:  # the one key/value head is shared by all query heads inside the kernel (CPU: ~12% faster in bf16)
+        k, v, gqa = k[:, None], v[:, None], {"enable_gqa": True}
+    else:
+        k, v, gqa = k[:, None].expand(b, h, nk, d), v[:, None].expand(b, h, nk, d), {}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=square_causal and nq > 1, **gqa)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, q_start: int, config: PaLMConfig) -> Tensor:
-    """Attention of queries at positions q_start.. over keys that end at the last query.
-
-    q arrives rotated in float32, k and v rotated in the model dtype. Without a window this is one block;
-    with `attn_window` W, queries are processed in blocks of W, each over only the keys it may see, so
-    memory grows linearly with length and xPos factors (centred per block) never leave the float range.
+def attention(q: Tensor, k: Tensor, v: Tensor, pos: Positions, config: PaLMConfig) -> Tensor:
+    """Attention of the new queries [b, heads, n, d] (rotated, xPos applied) over keys and values [b, nk, d]
+    (rotated keys: the cache, then the new ones), one block of queries at a time (see `Positions`): with
+    `attn_window` W, blocks of W queries each over only the keys they may see, so memory grows linearly
+    with length and xPos factors (centred per block) never leave the float range.
     """
-    nq, nk = q.shape[2], k.shape[1]
-    k_start = q_start + nq - nk
-    window = config.attn_window
-    block = nq if window is None else window
+    k_start = pos.start + pos.length - k.shape[1]  # position of the first key held
     outputs = []
-    for s in range(0, nq, block):
-        e = min(nq, s + block)
-        first_key = k_start if window is None else max(k_start, q_start + s - window + 1)
-        ks, ke = first_key - k_start, q_start + e - k_start
-        q_blk, k_blk, v_blk = q[:, :, s:e], k[:, ks:ke], v[:, ks:ke]
-        if config.pos_emb == "xpos":
-            q_pos = torch.arange(q_start + s, q_start + e, device=q.device)
-            k_pos = torch.arange(first_key, q_start + e, device=q.device)
-            centre = q_start + s + (e - s) // 2
-            q_blk = q_blk * xpos_factors(config, q_pos, centre)
-            k_blk = k_blk.float() / xpos_factors(config, k_pos, centre)
-            _check_finite_xpos(q_blk, k_blk, nk, config)
-        dtype = v.dtype
-        outputs.append(_attend(q_blk.to(dtype), k_blk.to(dtype), v_blk, q_start + s, first_key, window, config.attention))
+    for (s, e, first_key), key_scale in zip(pos.blocks, pos.key_scales):
+        ks, ke = first_key - k_start, pos.start + e - k_start
+        k_blk, v_blk = k[:, ks:ke], v[:, ks:ke]
+        if key_scale is not None:
+            k_blk = (k_blk.float() * key_scale).to(v.dtype)
+            _check_finite_xpos(k_blk, k.shape[1], config)
+        outputs.append(_attend(q[:, :, s:e], k_blk, v_blk, pos.start + s, first_key, config.attn_window, config.attention))
     return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
-
-
-def _check_finite_xpos(q: Tensor, k: Tensor, length: int, config: PaLMConfig) -> None:
-    if not (torch.isfinite(k).all() and torch.isfinite(q).all()):
-        raise PalmEvalError(
-            f"xPos factors overflow float32 over {length} keys without a window: "
-            f"set attn_window (e.g. the training length) or evaluate shorter sequences"
-        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,23 +270,60 @@ class ParallelBlock(nn.Module):
             self.k_scale = nn.Parameter(torch.ones(config.dim_head))
 
     def forward(
-        self, x: Tensor, start: int, rope: tuple[Tensor, Tensor] | None, past: tuple[Tensor, Tensor] | None
+        self, x: Tensor, pos: Positions, past: tuple[Tensor, Tensor] | None
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Returns the block output and this layer's keys and values (past included) for the cache."""
-        b, n, _ = x.shape
-        q, k, v, ff = self.fused_attn_ff_proj(self.norm(x)).split(self.fused_dims, dim=-1)
-        q = q.view(b, n, self.config.heads, self.config.dim_head).transpose(1, 2)
+        if x.shape[1] > BLOCK_ROWS and not torch.is_grad_enabled():
+            return self.forward_long(x, pos, past)
+        q, k, v, ff = self.project(self.norm(x), pos, 0)
+        k, v = _extend(past, k, v)
+        out = attention(q.transpose(1, 2), k, v, pos, self.config)
+        return x + self.attn_out(out.transpose(1, 2).flatten(2)) + ff, (k, v)
+
+    def project(self, normed: Tensor, pos: Positions, s: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """For the normed inputs at rows s..: rotated queries [b, n, heads, d], rotated keys and values
+        [b, n, d], and the feed-forward branch's output [b, n, dim]."""
+        b, n, _ = normed.shape
+        q, k, v, ff = self.fused_attn_ff_proj(normed).split(self.fused_dims, dim=-1)
+        q = q.view(b, n, self.config.heads, self.config.dim_head)
         if self.config.qk_rmsnorm:
             q = F.normalize(q, dim=-1) * self.q_scale
             k = F.normalize(k, dim=-1) * self.k_scale
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope).to(x.dtype)
-        if past is not None:
-            k, v = torch.cat((past[0], k), dim=1), torch.cat((past[1], v), dim=1)
-        out = attention(q, k, v, start, self.config)
-        out = out.transpose(1, 2).reshape(b, n, -1)
-        ff_x, gate = ff.chunk(2, dim=-1)
-        return x + self.attn_out(out) + self.ff_out(F.silu(gate) * ff_x), (k, v)
+        if pos.cos is not None:
+            q = rotate(q, pos.q_cos[s : s + n, None], pos.q_sin[s : s + n, None])
+            k = rotate(k, pos.cos[s : s + n], pos.sin[s : s + n])
+        ff_x, gate = ff.chunk(2, dim=-1)  # SwiGLU; without gradients in place, in the projection's output
+        hidden = F.silu(gate) * ff_x if torch.is_grad_enabled() else F.silu(gate, inplace=True).mul_(ff_x)
+        return q, k, v, self.ff_out(hidden)
+
+    def forward_long(
+        self, x: Tensor, pos: Positions, past: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """`forward` without gradients for long inputs, in memory that stays small at 32k tokens: the norm,
+        the fused projection and the output projections run over pieces of BLOCK_ROWS positions (the whole
+        fused projection of 32k positions would be 970 MB in float32), and `x` is updated in place (rows
+        s.. are normed before the feed-forward output is added to them, and no later piece reads them)."""
+        b, n, _ = x.shape
+        q = x.new_empty(b, n, self.config.heads, self.config.dim_head)
+        k, v = x.new_empty(b, n, self.config.dim_head), x.new_empty(b, n, self.config.dim_head)
+        for s in range(0, n, BLOCK_ROWS):
+            e = min(n, s + BLOCK_ROWS)
+            q_rows, k_rows, v_rows, ff = self.project(self.norm(x[:, s:e]), pos, s)
+            q[:, s:e], k[:, s:e], v[:, s:e] = q_rows, k_rows, v_rows
+            x[:, s:e] += ff
+            del q_rows, k_rows, v_rows, ff
+        k, v = _extend(past, k, v)
+        out = attention(q.transpose(1, 2), k, v, pos, self.config).transpose(1, 2).flatten(2)
+        del q
+        for s in range(0, n, BLOCK_ROWS):
+            x[:, s : s + BLOCK_ROWS] += self.attn_out(out[:, s : s + BLOCK_ROWS])
+        return x, (k, v)
+
+
+def _extend(past: tuple[Tensor, Tensor] | None, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    if past is None:
+        return k, v
+    return torch.cat((past[0], k), dim=1), torch.cat((past[1], v), dim=1)
 
 
 @dataclass
@@ -283,12 +361,12 @@ class PaLM(nn.Module):
             )
         start = cache.length if cache is not None else 0
         n = tokens.shape[1]
-        rope = None if self.config.pos_emb == "none" else rotary_tables(self.config, start, n, tokens.device)
+        pos = make_positions(self.config, start, n, tokens.device)
         if cache is not None and not cache.layers:
             cache.layers = [None] * len(self.layers)
         x = self.token_emb(tokens)
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, start, rope, cache.layers[i] if cache is not None else None)
+            x, kv = layer(x, pos, cache.layers[i] if cache is not None else None)
             if cache is not None:
                 cache.layers[i] = kv
         return self.norm(x)
@@ -303,23 +381,34 @@ class PaLM(nn.Module):
     def _chunk_rows(self, batch: int) -> int:
         return max(1, LOGITS_CHUNK_BYTES // (4 * self.config.num_tokens * batch))
 
+    @torch.no_grad()
     def score(self, tokens: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-position negative log-likelihood of `targets` and whether each is the argmax.
+        """Per-position negative log-likelihood of `targets` and whether each is the argmax (no gradients).
 
         targets[:, t] is the token predicted after tokens[:, :t+1]. Returns float32 nll [batch, seq]
-        and bool greedy [batch, seq], computed over chunks of positions in float32.
+        and bool greedy [batch, seq]. Logits are computed over chunks of positions into two buffers reused
+        by every chunk (model dtype and float32), and log-sum-exp is taken in float32 in place.
         """
         if targets.shape != tokens.shape:
             raise PalmEvalError(f"targets shape {tuple(targets.shape)} must equal tokens shape {tuple(tokens.shape)}")
         hidden = self.hidden_states(tokens)
-        nll = torch.empty(targets.shape, dtype=torch.float32, device=tokens.device)
-        greedy = torch.empty(targets.shape, dtype=torch.bool, device=tokens.device)
-        rows = self._chunk_rows(tokens.shape[0])
-        for s in range(0, tokens.shape[1], rows):
-            logits = self.logits(hidden[:, s : s + rows]).float()
-            target = targets[:, s : s + rows, None]
-            nll[:, s : s + rows] = (logits.logsumexp(dim=-1, keepdim=True) - logits.gather(-1, target)).squeeze(-1)
-            greedy[:, s : s + rows] = logits.argmax(dim=-1) == target.squeeze(-1)
+        b, n = tokens.shape
+        nll = torch.empty((b, n), dtype=torch.float32, device=tokens.device)
+        greedy = torch.empty((b, n), dtype=torch.bool, device=tokens.device)
+        rows = min(n, self._chunk_rows(b))
+        logits_buf = hidden.new_empty((b * rows, self.config.num_tokens))
+        float_buf = logits_buf if hidden.dtype == torch.float32 else torch.empty_like(logits_buf, dtype=torch.float32)
+        for s in range(0, n, rows):
+            e = min(n, s + rows)
+            h = hidden[:, s:e].reshape(-1, self.config.dim)
+            logits = torch.mm(h, self.token_emb.weight.t(), out=logits_buf[: len(h)])
+            target = targets[:, s:e].reshape(-1, 1)
+            target_logit = logits.gather(-1, target).float()
+            best, best_id = logits.max(dim=-1, keepdim=True)  # best_id: the first index of the maximum, as argmax
+            shifted = logits if float_buf is logits_buf else float_buf[: len(h)].copy_(logits)
+            lse = shifted.sub_(best).exp_().sum(dim=-1, keepdim=True).log_() + best
+            nll[:, s:e] = (lse - target_logit).view(b, e - s)
+            greedy[:, s:e] = (best_id == target).view(b, e - s)
         return nll, greedy
 
     def loss(self, tokens: Tensor) -> Tensor:
@@ -334,7 +423,7 @@ class PaLM(nn.Module):
         rows = self._chunk_rows(tokens.shape[0])
         for s in range(0, inputs.shape[1], rows):
             args = (hidden[:, s : s + rows], targets[:, s : s + rows], ignore)
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() and rows < inputs.shape[1]:  # one chunk: nothing to save
                 total = total + checkpoint(self._chunk_loss_sum, *args, use_reentrant=False)
             else:
                 total = total + self._chunk_loss_sum(*args)

@@ -201,3 +201,22 @@ def test_flash_attn_backend_explains_what_it_needs():
     model = tiny(attention="flash_attn")
     with pytest.raises(palm_eval.PalmEvalError, match="flash-attn|CUDA"):
         model(torch.randint(0, 97, (1, 8)))
+
+
+@pytest.mark.parametrize("pos_emb,window", [("xpos", None), ("rope", None), ("none", None), ("xpos", 16), ("rope", 12)])
+def test_long_inputs_in_pieces_equal_one_piece(monkeypatch, pos_emb, window):
+    """Without gradients, inputs longer than BLOCK_ROWS run through each block in pieces (to bound memory)."""
+    model = tiny(pos_emb=pos_emb, attn_window=window, qk_rmsnorm=pos_emb == "rope")
+    tokens = torch.randint(0, 97, (2, 45))
+    targets = torch.randint(0, 97, (2, 45))
+    with torch.no_grad():
+        expected, (nll, greedy) = model(tokens), model.score(tokens, targets)
+        cache = palm_eval.KVCache()
+        model.hidden_states(tokens[:, :20], cache)
+        expected_next = model(tokens[:, 20:], cache)
+        monkeypatch.setattr("palm_eval.model.BLOCK_ROWS", 7)
+        torch.testing.assert_close(model(tokens), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.score(tokens, targets)[0], nll, atol=1e-5, rtol=1e-5)
+        cache = palm_eval.KVCache()
+        model.hidden_states(tokens[:, :20], cache)
+        torch.testing.assert_close(model(tokens[:, 20:], cache), expected_next, atol=1e-5, rtol=1e-5)
