@@ -196,7 +196,7 @@ def child_peak(spec: dict) -> dict:
 
 
 def child_eval(spec: dict) -> dict:
-    """Score one sequence of `length` tokens `repeats` times (after one warm-up unless repeats is 0)."""
+    """Score one sequence of `length` tokens `repeats` times, after a warm-up on its first `warmup` tokens."""
     import torch
     import torch.nn.functional as F
 
@@ -220,20 +220,30 @@ def child_eval(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     reset_ok = reset_peak_rss()
     base = proc_status()["VmRSS"]
+    warmup_s = None
+    if spec.get("warmup"):  # a first call pays one-time costs (kernel selection, first-touch pages)
+        t = time.perf_counter()
+        with torch.no_grad():
+            if spec["impl"] == "palm_eval":
+                model.score(tokens[:, : spec["warmup"]], targets[:, : spec["warmup"]])
+            else:
+                model(tokens[:, : spec["warmup"]])
+        _sync(device)
+        warmup_s = time.perf_counter() - t
     times, nll = [], None
-    for i in range(max(1, spec["repeats"] + (1 if spec["repeats"] else 0))):
+    for _ in range(max(1, spec["repeats"])):
         t = time.perf_counter()
         nll = score()
         times.append(time.perf_counter() - t)
-    measured = times[1:] if len(times) > 1 else times
-    median = sorted(measured)[len(measured) // 2]
+    median = sorted(times)[len(times) // 2]
     status = proc_status()
     import resource
 
     out = {
         "tokens_per_s": length / median,
-        "seconds": measured,
-        "warmup_s": times[0] if len(times) > 1 else None,
+        "seconds": times,
+        "warmup_tokens": spec.get("warmup"),
+        "warmup_s": warmup_s,
         "mean_nll": float(nll.float().mean()),
         "rss_after_load_gb": base / 2**30,
         "peak_rss_gb": status["VmHWM"] / 2**30 if reset_ok else None,
@@ -378,7 +388,7 @@ def run_child(kind: str, spec: dict, limit_bytes: int | None = None, timeout: fl
     """Run one measurement in a fresh interpreter; kill it if its RSS passes limit_bytes."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, json.dumps(spec)]
     label = f"{kind} {' '.join(f'{k}={v}' for k, v in spec.items() if k in ('impl', 'dtype', 'length', 'flash_attn'))}"
-    print(f"  running {label} ...", file=sys.stderr, flush=True)
+    print(f"  {datetime.now(timezone.utc):%H:%M:%S} running {label} ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     peak_seen, killed = 0, None
@@ -438,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated subset of peak,eval,memory,generate,train")
     p.add_argument("--lengths", default="2048,8192", help="evaluation throughput lengths")
     p.add_argument("--memory-lengths", default="2048,8192,16384,32768")
+    p.add_argument("--impls", default="palm_eval,reference", help="which implementations to measure")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -455,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = results["runs"]
     lengths = [int(x) for x in args.lengths.split(",")]
     mem_lengths = [int(x) for x in args.memory_lengths.split(",")]
+    impls = [x for x in ("palm_eval", "reference") if x in args.impls.split(",")]
 
     with tempfile.TemporaryDirectory(prefix="palm-eval-bench-") as tmp:
         weights = str(Path(tmp) / "palm_150m_random.safetensors")
@@ -469,14 +481,15 @@ def main(argv: list[str] | None = None) -> int:
         if "eval" in only:
             for length in lengths:
                 for dt in ("fp32", "bf16"):
-                    for impl in ("palm_eval", "reference"):
-                        repeats = 1 if quick or length > 4096 else 3
+                    for impl in impls:
+                        short = length <= 4096
+                        repeats, warmup = (1 if quick else 3, 512 if quick else length) if short else (1, 512)
                         runs[f"eval/{impl}/{dt}/{length}"] = run_child("eval", {
-                            "impl": impl, "dtype": dt, "length": length, "repeats": repeats,
+                            "impl": impl, "dtype": dt, "length": length, "repeats": repeats, "warmup": warmup,
                             "device": device, "weights": weights}, limit_bytes=_limit())
 
         if "memory" in only:
-            for impl in ("palm_eval", "reference"):
+            for impl in impls:
                 for length in mem_lengths:
                     key = f"memory/{impl}/{length}"
                     known = runs.get(f"eval/{impl}/fp32/{length}")
@@ -491,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 f"now (85% of available memory)", "estimated_peak_rss_gb": estimate}
                         print(f"  skip {key}: {runs[key]['skipped']}", file=sys.stderr)
                         continue
-                    runs[key] = run_child("eval", {"impl": impl, "dtype": "fp32", "length": length, "repeats": 0,
+                    runs[key] = run_child("eval", {"impl": impl, "dtype": "fp32", "length": length, "repeats": 1, "warmup": 0,
                                                    "device": device, "weights": weights}, limit_bytes=budget)
                     if estimate is not None:
                         runs[key]["estimated_peak_rss_gb"] = estimate
@@ -499,17 +512,20 @@ def main(argv: list[str] | None = None) -> int:
         if "generate" in only:
             prompt, new = 32, 512
             points = [32, 288, 543] if quick else [32, 96, 160, 224, 288, 352, 416, 480, 543]
-            runs["generate/palm_eval"] = run_child("generate", {"impl": "palm_eval", "prompt": prompt, "new": new,
-                                                                "device": device, "weights": weights})
-            runs["generate/reference"] = run_child("generate", {
+            if "palm_eval" in impls:
+                runs["generate/palm_eval"] = run_child("generate", {"impl": "palm_eval", "prompt": prompt, "new": new,
+                                                                    "device": device, "weights": weights})
+            if "reference" in impls:
+                runs["generate/reference"] = run_child("generate", {
                 "impl": "reference", "prompt": prompt, "new": new, "points": points, "device": device,
                 "weights": weights, "step_repeats": 1 if quick else 2, "check_tokens": 8 if quick else 16})
 
         if "train" in only:
             steps = 25 if quick else 60
             spec = {"config": "configs/tiny_xpos.yaml", "steps": steps, "skip": 5}
-            runs["train/palm_eval"] = run_child("train", {**spec, "impl": "palm_eval"})
-            for flash in (False, True):
+            if "palm_eval" in impls:
+                runs["train/palm_eval"] = run_child("train", {**spec, "impl": "palm_eval"})
+            for flash in (False, True) if "reference" in impls else ():
                 runs[f"train/reference/flash_attn={flash}"] = run_child("train", {**spec, "impl": "reference",
                                                                                   "flash_attn": flash})
 
