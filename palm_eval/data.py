@@ -212,31 +212,6 @@ def token_stream(
     return stream if max_tokens is None else stream[:max_tokens]
 
 
-def token_byte_lengths(tokenizer) -> np.ndarray:
-    """Bytes of text each token id stands for, int64 [vocab_size]: bits per byte = nll sum / ln 2 / bytes.
-
-    The sum over a document's tokens is the UTF-8 length of the (normalized) document; special tokens
-    such as end-of-text count 0 bytes.
-    """
-    if getattr(tokenizer, "name", None) == "byte":
-        lengths = np.ones(tokenizer.vocab_size, dtype=np.int64)
-        lengths[tokenizer.eos_id] = 0
-        return lengths
-    hf = tokenizer._tok  # a tokenizers.Tokenizer
-    byte_level = json.loads(hf.to_str()).get("decoder", {}) or {}
-    byte_level = byte_level.get("type") == "ByteLevel"
-    added = hf.get_added_tokens_decoder()
-    lengths = np.zeros(tokenizer.vocab_size, dtype=np.int64)
-    for i in range(tokenizer.vocab_size):
-        if i in added:
-            lengths[i] = 0 if added[i].special else len(added[i].content.encode("utf-8"))
-        else:
-            token = hf.id_to_token(i)
-            # byte-level BPE spells every byte as one printable character
-            lengths[i] = len(token) if byte_level else len(hf.decode([i]).encode("utf-8"))
-    return lengths
-
-
 def read_pretokenized(path: str | os.PathLike) -> np.ndarray:
     """Rows of an `input_ids` parquet column (a file or a directory of them) concatenated: int32 [tokens].
 

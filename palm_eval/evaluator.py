@@ -340,8 +340,8 @@ def evaluate_model(model, args, configs, tokenizer, out_dir: Path, dist: Dist, c
         reset_peak_memory(device)
         t0 = time.perf_counter()
         task = make_task(config, ctx)
-        key = cache_key(card.to_dict(), weights_id, model.config.to_dict(), args.dtype, device.type, tokenizer.name,
-                        config, task.fingerprint(), args.batch_size, args.limit, args.stride, skip)
+        key = cache_key(card.to_dict(), weights_id, model.config.to_dict(), args.dtype, device.type,
+                        tokenizer.fingerprint, config, task.fingerprint(), args.batch_size, args.limit, args.stride, skip)
         cache = ItemCache(out_dir / "cache", task.name, key, dist.rank)
         results, fresh_items, fresh_tokens = run_task(task, cache, dist, args.batch_size)
         entries, details = task.aggregate(results)

@@ -13,7 +13,6 @@ published models never learnt them). The `palm` name is registered at start-up o
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import warnings
@@ -31,21 +30,13 @@ from tqdm import tqdm
 from palm_eval.errors import PalmEvalError
 from palm_eval.model import KVCache, sample
 from palm_eval.registry import load_model, resolve_device
-from palm_eval.tokenizer import Tokenizer, load_tokenizer
+from palm_eval.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 2048  # for a bare checkpoint whose training length nothing records
 CPU_AUTO_BATCH_TOKENS = 16384  # batch_size=auto on a CPU: tokens per batch
 GEN_KWARGS = ("do_sample", "temperature", "top_k", "top_p")
-
-
-def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
-    """Equal for tokenizers that map text to the same ids (the vocabulary file's hash for JSON tokenizers)."""
-    backend = getattr(tokenizer, "_tok", None)
-    if backend is None:
-        return tokenizer.name
-    return "sha256:" + hashlib.sha256(backend.to_str().encode()).hexdigest()[:16]
 
 
 class TokenizedText(str):
@@ -110,7 +101,6 @@ class PalmLM(TemplateLM):
                 f"tokenizer {spec} has {self.tokenizer.vocab_size} tokens but the model only "
                 f"{self.model.config.num_tokens}: is it the tokenizer this model was trained with?"
             )
-        self._fingerprint = tokenizer_fingerprint(self.tokenizer)
         if max_length is None and card.train_length is None:
             warnings.warn(
                 f"{pretrained} records no training length: using max_length={DEFAULT_MAX_LENGTH}; pass max_length "
@@ -244,7 +234,7 @@ class PalmLM(TemplateLM):
 
     def _rolling_tokens(self, string: str, request) -> tuple[list[int], int, int | None]:
         """(tokens to score, the token they follow, the target id left out) of one rolling request."""
-        if not (isinstance(string, TokenizedText) and string.tokenizer == self._fingerprint):
+        if not (isinstance(string, TokenizedText) and string.tokenizer == self.tokenizer.fingerprint):
             return self.tok_encode(string), self.prefix_token_id, None if self.score_eot else self.eot_token_id
         if len(string.tokens) > self.max_length:
             raise PalmEvalError(

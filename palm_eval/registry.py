@@ -18,6 +18,7 @@ import yaml
 
 from palm_eval.checkpoint import PICKLE_SUFFIXES, config_from_metadata, infer_config, load_weights, read_state_dict
 from palm_eval.errors import PalmEvalError
+from palm_eval.hub import hub_file
 from palm_eval.model import PaLM, PaLMConfig
 
 CONFIG_FIELDS = {f.name for f in fields(PaLMConfig)}
@@ -122,18 +123,13 @@ def resolve_weights(card: ModelCard) -> Path:
     local = weights_dir() / filename
     if local.is_file():
         return local
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-
-    cached = try_to_load_from_cache(repo, filename)
-    if isinstance(cached, str) and Path(cached).is_file():
-        return Path(cached)
     try:
-        return Path(hf_hub_download(repo, filename))
-    except Exception as e:
+        return Path(hub_file(repo, filename))
+    except PalmEvalError as e:
         raise PalmEvalError(
-            f"weights of {card.name} are not on this machine and the Hugging Face hub is unreachable "
-            f"({type(e).__name__}): download https://huggingface.co/{repo}/resolve/main/{filename} and place it at "
-            f"{local} (or set PALM_EVAL_WEIGHTS_DIR to its folder, or pass the file path as the model)"
+            f"weights of {card.name} are not on this machine ({e}): download "
+            f"https://huggingface.co/{repo}/resolve/main/{filename} and place it at {local} "
+            "(or set PALM_EVAL_WEIGHTS_DIR to its folder, or pass the file path as the model)"
         ) from None
 
 
@@ -189,6 +185,8 @@ def load_model(
         load_weights(model, state, str(path), gamma_offset=gamma_offset)
         if card.train_length is None and "train_length" in metadata:
             card.train_length = int(metadata["train_length"])
+        if card.tokenizer is None and "tokenizer" in metadata:
+            card.tokenizer = metadata["tokenizer"]
     else:
         model = PaLM(PaLMConfig(**{**card.config, **overrides}))
     model.card = card

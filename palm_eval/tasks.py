@@ -91,10 +91,8 @@ class RunContext:
 
     @property
     def byte_lengths(self) -> np.ndarray:
-        from palm_eval.data import token_byte_lengths
-
         if self._byte_lengths is None:
-            self._byte_lengths = token_byte_lengths(self.tokenizer)
+            self._byte_lengths = self.tokenizer.token_byte_lengths()
         return self._byte_lengths
 
 

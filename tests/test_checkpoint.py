@@ -44,10 +44,10 @@ def test_reference_file_without_rotary_buffers_loads(reference, tmp_path):
 
 def test_safetensors_round_trip_keeps_config_and_outputs(reference_file, tmp_path):
     model = palm_eval.load_model(reference_file, pos_emb="rope")
-    path = save_safetensors(model, tmp_path / "m.safetensors", {"train_length": 64})
+    path = save_safetensors(model, tmp_path / "m.safetensors", {"train_length": 64, "tokenizer": "byte"})
     again = palm_eval.load_model(path)
     assert again.config == model.config  # the config, pos_emb included, travels in the metadata
-    assert again.card.train_length == 64
+    assert (again.card.train_length, again.card.tokenizer) == (64, "byte")
     with torch.no_grad():
         assert torch.equal(again(tokens()), model(tokens()))
 

@@ -16,7 +16,6 @@ from palm_eval.data import (
     load_token_stream,
     read_documents,
     read_pretokenized,
-    token_byte_lengths,
     token_stream,
 )
 
@@ -42,7 +41,7 @@ def test_token_stream_appends_eos_after_every_document():
     stream = token_stream(["ab", "", "c"], tok)
     assert stream.tolist() == [97, 98, 256, 256, 99, 256]
     assert token_stream(["ab", "c"], tok, append_eos=False).tolist() == [97, 98, 99]
-    assert token_byte_lengths(tok)[stream].sum() == 3
+    assert tok.token_byte_lengths()[stream].sum() == 3
 
 
 def test_read_documents_formats(tmp_path, c4_docs):
@@ -92,7 +91,7 @@ def test_raw_and_pretokenized_paths_give_the_same_stream(tmp_path, c4_docs, neox
 
 def test_token_bytes_sum_to_the_normalized_text_bytes(c4_docs, neox_tokenizer):
     stream = token_stream(c4_docs, neox_tokenizer)
-    lengths = token_byte_lengths(neox_tokenizer)
+    lengths = neox_tokenizer.token_byte_lengths()
     assert lengths[neox_tokenizer.eos_id] == 0
     expected = sum(len(unicodedata.normalize("NFC", d).encode("utf-8")) for d in c4_docs)
     assert lengths[stream].sum() == expected

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 import subprocess
 import sys
@@ -153,11 +152,11 @@ def test_loglikelihood_rolling_scores_every_token_once(lm, reference):
 
 
 def test_tokenized_text_is_scored_as_its_tokens(lm, reference):
-    from palm_eval.lm_eval_adapter import TokenizedText, tokenizer_fingerprint
+    from palm_eval.lm_eval_adapter import TokenizedText
 
     tokens = lm.tok_encode("One document.") + [lm.eot_token_id] + lm.tok_encode(" Another one, cut in the mid")
     text = lm.tok_decode(tokens)
-    fingerprint = tokenizer_fingerprint(lm.tokenizer)
+    fingerprint = lm.tokenizer.fingerprint
     exact = TokenizedText(text, tokens, 510, fingerprint, lm.eot_token_id)
     foreign = TokenizedText(text, tokens, 510, "sha256:another", lm.eot_token_id)
     got_exact, got_foreign, got_text = lm.loglikelihood_rolling(

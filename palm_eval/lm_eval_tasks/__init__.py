@@ -34,7 +34,6 @@ def perplexity_dataset(task: str, **metadata):
     """custom_dataset of c4_ppl_<L>: the sequences run_eval.py evaluates for the palm-eval task `task`."""
     import datasets
 
-    from palm_eval.lm_eval_adapter import tokenizer_fingerprint
     from palm_eval.perplexity import plan_windows
     from palm_eval.tasks import RunContext, parse_length, task_config
 
@@ -44,7 +43,7 @@ def perplexity_dataset(task: str, **metadata):
     ctx = _run_context(RunContext, tokenizer, metadata)
     stream = ctx.token_stream(_sources(task, config, ctx), None)
     skip = None if metadata.get("score_eot") else tokenizer.eos_id
-    fingerprint = tokenizer_fingerprint(tokenizer)
+    fingerprint = tokenizer.fingerprint
     rows = []
     for window in plan_windows(len(stream), length, length):
         sequence = stream[window.start : window.start + length + 1]
