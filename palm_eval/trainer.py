@@ -408,7 +408,7 @@ def train(cfg: TrainConfig, command: str = "") -> dict:
         "data": {"source": cfg.data, "fingerprint": fingerprint, "tokens": len(train_tokens), "heldout": cfg.heldout},
     }
     if proc.rank == 0:
-        meta = {"train_length": cfg.seq_len, **summary, "command": command}
+        meta = {"train_length": cfg.seq_len, "tokenizer": cfg.tokenizer, **summary, "command": command}
         save_safetensors(model, out / "model.safetensors", meta)
         if cfg.card:
             write_card(Path(cfg.card), model, cfg, summary, command, proc)
@@ -451,7 +451,8 @@ def _progress(total: int, initial: int, active: bool):
 def write_card(path: Path, model: PaLM, cfg: TrainConfig, summary: dict, command: str, proc: Dist) -> None:
     """A registry card (models/<name>.yaml) and its weights beside it, with what reproduces them."""
     weights = path.with_suffix(".safetensors")
-    save_safetensors(model, weights, {"train_length": cfg.seq_len, "data_fingerprint": summary["data"]["fingerprint"]})
+    meta = {"train_length": cfg.seq_len, "tokenizer": cfg.tokenizer, "data_fingerprint": summary["data"]["fingerprint"]}
+    save_safetensors(model, weights, meta)
     card = {
         "name": path.stem,
         "description": cfg.description,

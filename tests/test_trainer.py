@@ -159,6 +159,7 @@ def test_export_loads_in_palm_eval_and_in_the_reference(tiny_run):
     model = load_model(tiny_run / "cards" / "tiny.yaml")
     assert model.config.ignore_index == 256 and model.card.train_length == 32
     from_file = load_model(tiny_run / "run" / "model.safetensors")
+    assert from_file.card.train_length == 32 and from_file.card.tokenizer == "byte"
 
     c = model.config
     reference = ReferencePaLM(num_tokens=c.num_tokens, dim=c.dim, depth=c.depth, heads=c.heads, dim_head=c.dim_head,
