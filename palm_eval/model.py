@@ -119,6 +119,7 @@ class Positions:
     q_cos: Tensor | None = None  # rotary of the new queries, times their xPos factors
     q_sin: Tensor | None = None
     key_scales: list[Tensor | None] = field(default_factory=list)
+    large_factors: bool = False  # xPos factors beyond 1e30: q and k times them may overflow, check them
 
 
 def make_positions(config: PaLMConfig, start: int, length: int, device: torch.device) -> Positions:
@@ -142,9 +143,11 @@ def make_positions(config: PaLMConfig, start: int, length: int, device: torch.de
             q_factors.append(xpos_factors(config, torch.arange(start + s, start + e, device=device), centre)[:, :half])
             key_scales.append(1 / xpos_factors(config, torch.arange(first_key, start + e, device=device), centre))
         q_factors = torch.cat(q_factors)
-        for factors in (q_factors, *key_scales):
-            _check_finite_xpos(factors, start + length, config)
+        largest = max(float(f.max()) for f in (q_factors, *key_scales))  # inf or nan when they overflow
+        if not math.isfinite(largest):
+            raise _xpos_overflow(start + length)
         pos.q_cos, pos.q_sin, pos.key_scales = cos * q_factors, sin * q_factors, key_scales
+        pos.large_factors = largest > 1e30  # from about 56k tokens without a window
     return pos
 
 
@@ -155,12 +158,11 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((torch.addcmul(x1 * cos, x2, sin, value=-1), torch.addcmul(x2 * cos, x1, sin)), dim=-1).to(x.dtype)
 
 
-def _check_finite_xpos(x: Tensor, length: int, config: PaLMConfig) -> None:
-    if not torch.isfinite(x).all():
-        raise PalmEvalError(
-            f"xPos factors overflow float32 over {length} keys without a window: "
-            f"set attn_window (e.g. the training length) or evaluate shorter sequences"
-        )
+def _xpos_overflow(length: int) -> PalmEvalError:
+    return PalmEvalError(
+        f"xPos factors overflow float32 over {length} keys without a window: "
+        f"set attn_window (e.g. the training length) or evaluate shorter sequences"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,11 +233,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, pos: Positions, config: PaLMConfi
     outputs = []
     for (s, e, first_key), key_scale in zip(pos.blocks, pos.key_scales):
         ks, ke = first_key - k_start, pos.start + e - k_start
-        k_blk, v_blk = k[:, ks:ke], v[:, ks:ke]
+        q_blk, k_blk, v_blk = q[:, :, s:e], k[:, ks:ke], v[:, ks:ke]
         if key_scale is not None:
             k_blk = (k_blk.float() * key_scale).to(v.dtype)
-            _check_finite_xpos(k_blk, k.shape[1], config)
-        outputs.append(_attend(q[:, :, s:e], k_blk, v_blk, pos.start + s, first_key, config.attn_window, config.attention))
+            if pos.large_factors and not (torch.isfinite(q_blk).all() and torch.isfinite(k_blk).all()):
+                raise _xpos_overflow(k.shape[1])
+        outputs.append(_attend(q_blk, k_blk, v_blk, pos.start + s, first_key, config.attn_window, config.attention))
     return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
 
 
