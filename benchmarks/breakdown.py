@@ -1,6 +1,6 @@
 """Where the time of `model.score` goes: torch.profiler over one scored sequence, grouped into categories.
 
-    python benchmarks/profile.py [--dtype bf16] [--length 2048] [--impl palm_eval|reference] [--top 15]
+    python benchmarks/breakdown.py [--dtype bf16] [--length 2048] [--impl palm_eval|reference] [--top 15]
 
 Random palm_150m weights, batch 1, after one warm-up call. Categories: the weight matmuls of the blocks,
 the logits matmul, attention (SDPA kernel), the logits' post-processing (log-sum-exp, max, cross-entropy
