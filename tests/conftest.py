@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(os.environ.get("PALM_EVAL_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
@@ -35,3 +36,12 @@ def neox_tokenizer(shared_data):
     from palm_eval import load_tokenizer
 
     return load_tokenizer(shared_data("gpt-neox-20b-tokenizer.json"))
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny models run fastest on one thread (and the test machine is shared); restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

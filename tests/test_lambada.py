@@ -12,14 +12,7 @@ from palm_eval.lambada import LambadaTask, encode_pair, split_document
 from palm_eval.model import PaLM, PaLMConfig
 from palm_eval.tasks import RunContext, task_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the test machine is shared); restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 @pytest.fixture(scope="module")

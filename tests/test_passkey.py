@@ -6,16 +6,9 @@ from palm_eval.model import PaLM, PaLMConfig
 from palm_eval.passkey import FILLER, INTRO, QUESTION, PasskeyTask, build_trial, score_trial
 from palm_eval.tasks import RunContext
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
+
 BYTE = load_tokenizer("byte")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the test machine is shared); restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny() -> PaLM:

@@ -10,16 +10,9 @@ from palm_eval.model import PaLM, PaLMConfig
 from palm_eval.perplexity import PerplexityTask, plan_windows, position_edges
 from palm_eval.tasks import RunContext, format_length, parse_length, task_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
+
 BYTE = load_tokenizer("byte")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the test machine is shared); restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(seed=0, **overrides) -> PaLM:
