@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append",
                    help="registered name, card .yaml or checkpoint; repeat or comma-separate to compare")
     p.add_argument("--tasks", help="comma-separated task names or task .yaml files, e.g. lambada,c4_ppl_16k")
-    p.add_argument("--data-dir", type=Path,
-                   help="where tasks find their files: c4-validation*.parquet|jsonl|json.gz, lambada_test.jsonl")
+    p.add_argument("--data-dir", type=Path, default=os.environ.get("PALM_EVAL_DATA_DIR"),
+                   help="where tasks find their files: c4-validation*.parquet|jsonl|json.gz, lambada_test.jsonl "
+                   "(default: $PALM_EVAL_DATA_DIR, as for the lm-eval tasks)")
     p.add_argument("--c4-path", help="C4: parquet/jsonl/json.gz with `text`, pre-tokenized `input_ids` parquet, "
                    "or hf:allenai/c4:en@validation")
     p.add_argument("--lambada-path", help="LAMBADA jsonl, one {\"text\"} per line")
