@@ -156,8 +156,6 @@ def _sync(device) -> None:
 def _load(impl: str, weights: str, dtype: str, device: str):
     """The model, as each implementation is used: palm-eval through load_model, the reference built with the
     published hub arguments and given the same weights."""
-    import torch
-
     import palm_eval
     from palm_eval.checkpoint import reference_state_dict
 

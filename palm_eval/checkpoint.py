@@ -45,13 +45,19 @@ def reference_state_dict(model: PaLM, include_derived: bool = False) -> dict[str
     state = {_reference_key(k): v.detach() for k, v in model.state_dict().items()}
     if include_derived:
         state["to_logits.weight"] = state["token_emb.weight"]
-        d = model.config.dim_head
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
-        scale = (torch.arange(0, d, 2) + 0.4 * d) / (1.4 * d)
         for i in range(model.config.depth):
-            state[f"layers.{i}.fn.rotary_emb.inv_freq"] = inv_freq.clone()
-            state[f"layers.{i}.fn.rotary_emb.scale"] = scale.clone()
+            for name, value in _rotary_buffers(model.config).items():
+                state[f"layers.{i}.fn.rotary_emb.{name}"] = value
     return state
+
+
+def _rotary_buffers(config: PaLMConfig) -> dict[str, Tensor]:
+    """The per-layer buffers the reference saves: rotary `inv_freq` and xPos `scale` (zeta), float32."""
+    d = config.dim_head
+    return {
+        "inv_freq": 1.0 / (config.rotary_base ** (torch.arange(0, d, 2).float() / d)),
+        "scale": (torch.arange(0, d, 2) + 0.4 * d) / (1.4 * d),
+    }
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -154,10 +160,7 @@ def load_weights(model: PaLM, state: dict[str, Tensor], source: str, gamma_offse
         )
 
     d = model.config.dim_head
-    derived = {
-        "inv_freq": 1.0 / (model.config.rotary_base ** (torch.arange(0, d, 2).float() / d)),
-        "scale": (torch.arange(0, d, 2) + 0.4 * d) / (1.4 * d),
-    }
+    derived = _rotary_buffers(model.config)
     for key, stored in rotary.items():
         expected = derived[key.rsplit(".", 1)[1]]
         if stored.shape != expected.shape or not torch.allclose(stored.float(), expected, rtol=1e-3):

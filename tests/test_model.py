@@ -210,7 +210,7 @@ def test_long_inputs_in_pieces_equal_one_piece(monkeypatch, pos_emb, window):
     tokens = torch.randint(0, 97, (2, 45))
     targets = torch.randint(0, 97, (2, 45))
     with torch.no_grad():
-        expected, (nll, greedy) = model(tokens), model.score(tokens, targets)
+        expected, (nll, _) = model(tokens), model.score(tokens, targets)
         cache = palm_eval.KVCache()
         model.hidden_states(tokens[:, :20], cache)
         expected_next = model(tokens[:, 20:], cache)
